@@ -16,6 +16,7 @@ from . import __version__
 
 # name -> (module under allocmoe_edge.commands, one-line help shown by `allocmoe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "allocate": ("allocate", "Choose per-layer expert counts for a budget (Alloc-L DP)."),
     "build-runtime": ("build_runtime", "Build and install the patched llama-cpp-python."),
     "doctor": ("doctor", "Report the installed llama_cpp and whether it is patched."),
     "inspect": ("inspect", "Show a GGUF's MoE shape and its allocmoe plans."),

@@ -1,0 +1,239 @@
+"""Alloc-L: choose per-layer expert counts under an activation budget from layer sensitivities.
+
+The sensitivity file (written by ``allocmoe profile``) is JSON of this shape::
+
+    {"format": "allocmoe-sensitivity", "version": 1,
+     "model": {"architecture", "n_layer", "moe_layers", "n_expert", "k_orig"},
+     "calibration": {...},                  # description of the calibration text
+     "mode": "isolated" | "deeper-top1",    # how S[l, k] was measured (see DESIGN.md)
+     "full": {"ppl": float, "nll": float},  # the full-budget model
+     "layers": [{"layer": int, "ppl": [S at k=1..K], "kld": [...]}, ...]}
+
+with one entry per MoE block (``layer`` is the block index) and K = k_orig values per
+metric. Costs fed to the dynamic program are, per layer and k:
+
+* ``kld``: the mean KL divergence to the full-budget model, as measured;
+* ``ppl``: ``ln ppl(l, k) - ln ppl_full``, the increase in mean token NLL. Log-perplexity
+  is the quantity that adds up over independent per-token losses, so summing log-ratios
+  is the additive model the DP assumes; raw perplexity differences compound
+  multiplicatively and overweight layers profiled on an already-degraded baseline.
+
+The plan's ``predicted`` block holds the summed cost and, from the same additive model,
+the predicted KLD (sum of per-layer KLDs) and perplexity (``ppl_full x exp(sum of
+log-ratios)``) for whichever metrics the file has.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import AllocMoeError
+from .plan import Budget, ModelIdentity, Plan
+
+SENSITIVITY_FORMAT = "allocmoe-sensitivity"
+SENSITIVITY_VERSION = 1
+PROFILE_MODES = ("isolated", "deeper-top1")
+METRICS = ("kld", "ppl")
+# method -> whether Alloc-T is on in the resulting plan
+ALLOCATE_METHODS = {"alloc-l+t": True, "alloc-l": False, "uniform": False}
+
+
+def _cost_table(costs: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    """Check ``costs`` (L rows of K finite numbers) and return it as a float64 array."""
+    if not isinstance(costs, np.ndarray):
+        rows = list(costs)
+        if rows and len({len(r) for r in rows}) != 1:
+            raise AllocMoeError(f"cost table is ragged: row lengths {[len(r) for r in rows]}")
+        costs = rows
+    try:
+        table = np.asarray(costs, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise AllocMoeError(f"cost table holds a non-number ({e})") from None
+    if table.ndim != 2 or table.size == 0:
+        raise AllocMoeError(f"cost table must be a non-empty layers x K table, got shape {table.shape}")
+    bad = np.argwhere(~np.isfinite(table))
+    if len(bad):
+        row, col = bad[0]
+        raise AllocMoeError(f"cost for layer row {row}, k={col + 1} is {table[row, col]}; every cost must be finite")
+    return table
+
+
+def _check_bounds(n_layers: int, budget: int, k_min: int, k_max: int, k_top: int) -> None:
+    """Raise unless 1 <= k_min <= k_max <= k_top and the budget covers k_min everywhere."""
+    for name, v in (("budget", budget), ("k_min", k_min), ("k_max", k_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise AllocMoeError(f"{name} must be an integer, got {v!r}")
+    if not 1 <= k_min <= k_max <= k_top:
+        raise AllocMoeError(f"need 1 <= k_min ({k_min}) <= k_max ({k_max}) <= {k_top} (the largest k with a cost)")
+    if budget < n_layers * k_min:
+        raise AllocMoeError(
+            f"budget {budget} is infeasible: {n_layers} layers x k_min {k_min} need at least {n_layers * k_min}"
+        )
+
+
+def allocate_layers(
+    costs: Sequence[Sequence[float]] | np.ndarray, budget: int, k_min: int = 1, k_max: int | None = None
+) -> list[int]:
+    """Exact multiple-choice knapsack: per-layer counts minimising the summed cost.
+
+    ``costs[l][k-1]`` is the cost of layer l at top-k, k = 1..K. Returns ``k_l`` with
+    ``k_min <= k_l <= k_max`` (default K) and ``sum(k_l) <= budget`` minimising
+    ``sum(costs[l][k_l-1])``; O(L x B x K). Ties (exact float equality of the sums, each
+    accumulated from the last layer to the first) go to the solution with the fewest total
+    activations, then to the lexicographically smallest counts (fewer experts in earlier
+    layers).
+    """
+    table = _cost_table(costs)
+    n_layers, k_top = table.shape
+    k_max = k_top if k_max is None else k_max
+    _check_bounds(n_layers, budget, k_min, k_max, k_top)
+    cap = min(int(budget), n_layers * k_max)
+    # best[l, r]: least cost of layers l..L-1 spending exactly r activations (inf: impossible)
+    best = np.full((n_layers + 1, cap + 1), np.inf)
+    best[n_layers, 0] = 0.0
+    for layer in range(n_layers - 1, -1, -1):
+        for k in range(k_min, min(k_max, cap) + 1):
+            np.minimum(best[layer, k:], table[layer, k - 1] + best[layer + 1, : cap + 1 - k], out=best[layer, k:])
+    remaining = int(np.argmin(best[0]))  # first minimum: fewest total activations
+    counts = []
+    for layer in range(n_layers):
+        # smallest k that attains the optimum (same float expression as above, so == is exact)
+        k = next(
+            k
+            for k in range(k_min, min(k_max, remaining) + 1)
+            if table[layer, k - 1] + best[layer + 1, remaining - k] == best[layer, remaining]
+        )
+        counts.append(k)
+        remaining -= k
+    return counts
+
+
+def uniform_counts(n_layers: int, budget: int, k_min: int, k_max: int) -> list[int]:
+    """The same k in every layer: ``budget // n_layers`` capped to [k_min, k_max].
+
+    When the budget does not divide evenly, the remainder goes one activation each to the
+    first (shallowest) layers, which are usually the most sensitive.
+    """
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise AllocMoeError(f"n_layers must be a positive integer, got {n_layers!r}")
+    _check_bounds(n_layers, budget, k_min, k_max, k_max)
+    if budget >= n_layers * k_max:
+        return [k_max] * n_layers
+    base, extra = divmod(int(budget), n_layers)
+    return [base + 1] * extra + [base] * (n_layers - extra)
+
+
+def _sensitivity_model(sens: Any) -> ModelIdentity:
+    if not isinstance(sens, Mapping) or sens.get("format") != SENSITIVITY_FORMAT:
+        raise AllocMoeError(f"not an allocmoe sensitivity file (expected \"format\": \"{SENSITIVITY_FORMAT}\")")
+    version = sens.get("version")
+    if version != SENSITIVITY_VERSION:
+        raise AllocMoeError(
+            f"sensitivity version {version!r} is not supported (this allocmoe-edge reads {SENSITIVITY_VERSION})"
+        )
+    missing = [k for k in ("model", "mode", "full", "layers") if k not in sens]
+    if missing:
+        raise AllocMoeError(f"sensitivity file: missing field(s) {', '.join(missing)}")
+    if sens["mode"] not in PROFILE_MODES:
+        raise AllocMoeError(f"sensitivity mode {sens['mode']!r} is not one of {', '.join(PROFILE_MODES)}")
+    return ModelIdentity.from_dict(sens["model"], "sensitivity.model")
+
+
+def _layer_entries(sens: Mapping[str, Any], model: ModelIdentity) -> list[Mapping[str, Any]]:
+    """The sensitivity entries in moe_layers order; each MoE block exactly once."""
+    layers = sens["layers"]
+    if not isinstance(layers, list) or not all(isinstance(e, Mapping) and "layer" in e for e in layers):
+        raise AllocMoeError('sensitivity.layers: expected a list of objects with a "layer" field')
+    blocks = [e["layer"] for e in layers]
+    if sorted(blocks) != list(model.moe_layers):
+        raise AllocMoeError(
+            f"sensitivity.layers covers blocks {sorted(blocks)}, expected each MoE block {list(model.moe_layers)} once"
+        )
+    by_block = {e["layer"]: e for e in layers}
+    return [by_block[b] for b in model.moe_layers]
+
+
+def _metric_table(entries: list[Mapping[str, Any]], model: ModelIdentity, metric: str) -> np.ndarray | None:
+    """S[l, k-1] for ``metric``, or None when some layer lacks it."""
+    if not all(metric in e for e in entries):
+        return None
+    for block, entry in zip(model.moe_layers, entries):
+        row = entry[metric]
+        ok = isinstance(row, list) and len(row) == model.k_orig
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+        if not ok or (metric == "ppl" and min(row) <= 0):
+            raise AllocMoeError(
+                f"sensitivity layer {block}: {metric} must be {model.k_orig} finite numbers"
+                f"{' > 0' if metric == 'ppl' else ''} (k=1..{model.k_orig}), got {row!r}"
+            )
+    return np.asarray([e[metric] for e in entries], dtype=np.float64)
+
+
+def _full_ppl(sens: Mapping[str, Any]) -> float:
+    full = sens["full"]
+    ppl = full.get("ppl") if isinstance(full, Mapping) else None
+    if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) or ppl <= 0:
+        raise AllocMoeError(f"sensitivity.full.ppl must be a positive number, got {ppl!r}")
+    return float(ppl)
+
+
+def plan_from_sensitivity(
+    sens: Mapping[str, Any],
+    budget: Budget | str | float | int,
+    method: str = "alloc-l+t",
+    k_min: int = 1,
+    k_max: int | None = None,
+    metric: str = "kld",
+) -> Plan:
+    """Build a plan from a sensitivity file's contents (see the module docstring).
+
+    ``method``: "alloc-l+t" (DP, Alloc-T on with token bounds [k_min, k_max]), "alloc-l"
+    (DP, Alloc-T off) or "uniform" (same k everywhere, Alloc-T off). ``k_min``/``k_max``
+    bound every layer's count (k_max defaults to k_orig) and, with Alloc-T, every token's.
+    """
+    if method not in ALLOCATE_METHODS:
+        raise AllocMoeError(f"method {method!r} is not one of {', '.join(ALLOCATE_METHODS)}")
+    if metric not in METRICS:
+        raise AllocMoeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    model = _sensitivity_model(sens)
+    k_max = model.k_orig if k_max is None else k_max
+    if not isinstance(budget, Budget):
+        budget = Budget.parse(budget, model, k_min)
+    if k_max > model.k_orig:
+        raise AllocMoeError(f"k_max {k_max} is above the profiled range k=1..{model.k_orig}")
+    if not isinstance(sens.get("calibration", {}), Mapping):
+        raise AllocMoeError("sensitivity.calibration: expected a JSON object")
+    entries = _layer_entries(sens, model)
+    raw = {m: _metric_table(entries, model, m) for m in METRICS}
+    if raw[metric] is None:
+        other = "ppl" if metric == "kld" else "kld"
+        raise AllocMoeError(f"sensitivity file lacks {metric!r} for some layer; try the {other!r} metric")
+    full_ppl = _full_ppl(sens) if raw["ppl"] is not None else None
+    tables = {"kld": raw["kld"], "ppl": None if raw["ppl"] is None else np.log(raw["ppl"]) - math.log(full_ppl)}
+    costs = tables[metric]
+    n = len(model.moe_layers)
+    if method == "uniform":
+        counts = uniform_counts(n, budget.count, k_min, k_max)
+    else:
+        counts = allocate_layers(costs, budget.count, k_min, k_max)
+    per_layer = [float(costs[i, k - 1]) for i, k in enumerate(counts)]
+    predicted: dict[str, Any] = {"metric": metric, "cost": math.fsum(per_layer), "per_layer": per_layer}
+    if tables["kld"] is not None:
+        predicted["kld"] = math.fsum(float(tables["kld"][i, k - 1]) for i, k in enumerate(counts))
+    if tables["ppl"] is not None:
+        predicted["ppl"] = full_ppl * math.exp(math.fsum(float(tables["ppl"][i, k - 1]) for i, k in enumerate(counts)))
+    calibration = dict(sens.get("calibration") or {})
+    calibration["profile_mode"] = sens["mode"]
+    return Plan(
+        model=model,
+        budget=budget,
+        method=method,
+        counts=tuple(counts),
+        token_k_min=k_min,
+        token_k_max=k_max if ALLOCATE_METHODS[method] else 0,
+        calibration=calibration,
+        predicted=predicted,
+    )

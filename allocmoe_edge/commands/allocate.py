@@ -1,0 +1,100 @@
+"""`allocmoe allocate`: sensitivity JSON -> plan JSON (Alloc-L dynamic program)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import click
+
+from ..allocate import ALLOCATE_METHODS, METRICS
+from ..errors import AllocMoeError
+
+
+@click.command("allocate")
+@click.argument("sensitivity", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--budget",
+    "-b",
+    required=True,
+    help="Routed-expert activations per token over all MoE layers: a fraction of the full "
+    "budget (0.5 or 50%) or an absolute count (78: an integer, no decimal point). "
+    "Fractions round down, so the budget is never exceeded.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="kld",
+    show_default=True,
+    help="Cost the DP minimises: kld = mean KL divergence to the full model; "
+    "ppl = increase in log-perplexity.",
+)
+@click.option(
+    "--k-min",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Fewest experts per layer; with Alloc-T also the experts every token keeps.",
+)
+@click.option(
+    "--k-max",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most experts per layer; with Alloc-T also per token.  [default: the model's top-k]",
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(ALLOCATE_METHODS)),
+    default="alloc-l+t",
+    show_default=True,
+    help="alloc-l+t: DP over layers plus token-level reallocation at run time; "
+    "alloc-l: DP only; uniform: the same k in every layer (baseline).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Plan file to write (atomically). Required unless --json is given.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout instead of the table.")
+def command(
+    sensitivity: Path,
+    budget: str,
+    metric: str,
+    k_min: int,
+    k_max: int | None,
+    method: str,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Choose per-layer expert counts for a budget from SENSITIVITY (from `allocmoe profile`)."""
+    from ..allocate import plan_from_sensitivity
+    from ..plan import read_json
+
+    if output is None and not as_json:
+        raise click.UsageError("give -o PLAN.json, or --json to print the plan")
+    if output is not None and output.exists() and output.samefile(sensitivity):
+        raise AllocMoeError(f"-o {output} is the sensitivity file itself; choose another output path")
+    plan = plan_from_sensitivity(read_json(sensitivity, "sensitivity file"), budget, method, k_min, k_max, metric)
+    source = {"sensitivity_file": sensitivity.name, "sensitivity_sha256": hashlib.sha256(sensitivity.read_bytes()).hexdigest()}
+    plan = dataclasses.replace(plan, calibration={**plan.calibration, **source})
+    if output is not None:
+        plan.save(output)
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+    predicted = plan.predicted
+    assert predicted is not None  # plan_from_sensitivity always predicts
+    click.echo(f"{'block':>5}  {'count':>5}  {metric:>10}")
+    for block, count, cost in zip(plan.model.moe_layers, plan.counts, predicted["per_layer"]):
+        click.echo(f"{block:>5}  {count:>5}  {cost:>10.5g}")
+    b = plan.budget
+    click.echo(f"{'total':>5}  {sum(plan.counts):>5}  {predicted['cost']:>10.5g}")
+    alloc_t = f"Alloc-T tokens k {plan.token_k_min}..{plan.token_k_max}" if plan.alloc_t else "Alloc-T off"
+    click.echo(f"budget {b.count} of {plan.model.full_budget} ({100 * b.fraction:.4g}%), {method}, {alloc_t}")
+    estimates = ", ".join(f"{m} {predicted[m]:.5g}" for m in METRICS if m in predicted)
+    click.echo(f"predicted (layer effects summed): {estimates}")
+    click.echo(f"wrote {output}")
