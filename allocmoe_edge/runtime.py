@@ -1,0 +1,164 @@
+"""Open a (budgeted) GGUF with the patched llama-cpp-python and pick its plan at load time.
+
+Importable without torch. A file that carries a plan is refused on a stock library (which
+would silently run it at full budget) unless ``allow_unpatched`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from .errors import AllocMoeError
+from .gguf_meta import ModelInfo, find_plan, read_info
+
+
+def llama_cpp_module() -> Any:
+    """Import llama_cpp, with a clear error when it is missing."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise AllocMoeError("llama-cpp-python is not installed; run `allocmoe build-runtime`") from e
+    return llama_cpp
+
+
+def patch_version() -> int | None:
+    """The allocmoe patch-series version of the loaded libllama, or None for a stock build."""
+    lib = llama_cpp_module().llama_cpp._lib
+    fn = getattr(lib, "llama_allocmoe_version", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int32
+    fn.argtypes = []
+    return int(fn())
+
+
+def doctor() -> dict[str, Any]:
+    """What `allocmoe doctor` reports: which llama_cpp, patched or not, its backends."""
+    try:
+        llama_cpp = llama_cpp_module()
+    except AllocMoeError as e:
+        return {"installed": False, "patched": False, "error": str(e)}
+    version = patch_version()
+    lib_path = getattr(llama_cpp.llama_cpp._lib, "_name", None)
+    return {
+        "installed": True,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "module": os.path.dirname(llama_cpp.__file__),
+        "library": lib_path,
+        "patched": version is not None,
+        "allocmoe_patch_version": version,
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+
+
+@dataclass(frozen=True)
+class LoadChoice:
+    """How a file is run: which stored plan, or full budget, or uniform top-k."""
+
+    plan_index: int | None = None  # a stored plan (None: the file's default plan)
+    full_budget: bool = False  # allocmoe.enabled = false
+    uniform_k: int | None = None  # stock `<arch>.expert_used_count` override, plan disabled
+    token_k_max: int | None = None  # override Alloc-T's k_max (0 turns Alloc-T off)
+
+    def kv_overrides(self, info: ModelInfo) -> dict[str, bool | int | float | str]:
+        """The scalar kv_overrides that make llama.cpp run this choice."""
+        kv: dict[str, bool | int | float | str] = {}
+        if self.full_budget or self.uniform_k is not None:
+            kv["allocmoe.enabled"] = False
+        if self.uniform_k is not None:
+            if not 1 <= self.uniform_k <= info.expert_count:
+                raise AllocMoeError(f"uniform top-k {self.uniform_k} is outside [1, {info.expert_count}]")
+            kv[f"{info.architecture}.expert_used_count"] = int(self.uniform_k)
+        if self.plan_index is not None:
+            if not 0 <= self.plan_index < len(info.plans):
+                raise AllocMoeError(f"plan {self.plan_index} does not exist; {info.path} stores {len(info.plans)} plan(s)")
+            kv["allocmoe.plan_index"] = int(self.plan_index)
+        if self.token_k_max is not None:
+            kv["allocmoe.token_k_max"] = int(self.token_k_max)
+        return kv
+
+
+def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
+    """Full budget for 1.0, the stored plan closest to ``budget`` otherwise, the default for None."""
+    if budget is None:
+        return LoadChoice()
+    if not 0 < budget <= 1:
+        raise AllocMoeError(f"budget {budget} must be a fraction in (0, 1]")
+    if budget == 1:
+        return LoadChoice(full_budget=True)
+    return LoadChoice(plan_index=find_plan(info, budget))
+
+
+class _LogCapture:
+    """Collects llama.cpp's log lines while a model loads (so errors can be reported)."""
+
+    def __init__(self, echo: bool) -> None:
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def __call__(self, level: int, text: bytes, user_data: Any) -> None:
+        s = text.decode("utf-8", errors="replace")
+        self.lines.append(s)
+        if self.echo:
+            sys.stderr.write(s)
+
+    def errors(self) -> str:
+        keep = [ln.strip() for ln in "".join(self.lines).splitlines() if "error" in ln.lower() or "allocmoe" in ln]
+        return "\n".join(keep[-5:])
+
+
+@contextlib.contextmanager
+def captured_log(echo: bool = False) -> Iterator[_LogCapture]:
+    """Route llama.cpp's log into a buffer for the duration of the block."""
+    llama_cpp = llama_cpp_module()
+    from llama_cpp import _logger
+
+    cap = _LogCapture(echo)
+    cb = llama_cpp.llama_log_callback(cap)
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        yield cap
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allow_unpatched: bool = False,
+         verbose: bool = False, **llama_kwargs: Any) -> Any:
+    """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files."""
+    info = read_info(path)
+    choice = choice or LoadChoice()
+    kv = choice.kv_overrides(info)
+    llama_cpp = llama_cpp_module()
+    if info.allocmoe.get("layer_expert_counts") is not None and patch_version() is None:
+        if not allow_unpatched:
+            raise AllocMoeError(
+                f"{path} carries a budget plan but the installed llama-cpp-python is a stock build, which would "
+                "run it at full budget; run `allocmoe build-runtime` (or pass --allow-unpatched)")
+        warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
+        kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
+    llama_kwargs.setdefault("n_ctx", 512)
+    with captured_log(echo=verbose) as cap:
+        try:
+            llm = llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
+        except ValueError as e:
+            detail = cap.errors() or str(e)
+            raise AllocMoeError(f"llama.cpp could not load {path}:\n{detail}") from e
+    return llm
+
+
+def layer_counts(llm: Any) -> list[int]:
+    """Routed experts per token that the loaded model executes at each block (patched library)."""
+    lib = llama_cpp_module().llama_cpp._lib
+    fn = lib.llama_model_allocmoe_layer_count
+    fn.restype = ctypes.c_int32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    model = llm._model.model
+    n_layer = llama_cpp_module().llama_model_n_layer(model)
+    return [int(fn(model, i)) for i in range(n_layer)]
