@@ -1,0 +1,60 @@
+"""Alloc-T, the token-level rule, as a pure torch reference.
+
+For one layer with budget k (activations per token on average) over a group of T tokens:
+every token keeps its top-``k_min`` experts; the candidate ranks ``k_min+1..k_max`` of all
+T tokens form one pool; the ``(k - k_min) x T`` pool entries with the largest routing
+scores are kept. Each token ends with between ``k_min`` and ``k_max`` experts and the
+group spends exactly ``k x T`` activations. With T = 1, or ``k_max == k``, it is plain top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import AllocMoeError
+
+
+def check_bounds(k: int, k_min: int, k_max: int, n_expert: int) -> None:
+    """Raise AllocMoeError unless ``1 <= k_min <= k <= k_max <= n_expert``."""
+    if not 1 <= k_min <= k <= k_max <= n_expert:
+        raise AllocMoeError(
+            f"Alloc-T needs 1 <= k_min <= k <= k_max <= n_expert, got k_min={k_min}, k={k}, "
+            f"k_max={k_max}, n_expert={n_expert}"
+        )
+
+
+def select_ranked(ranked: torch.Tensor, k: int, k_min: int = 1) -> torch.Tensor:
+    """Which candidate slots to keep, given each token's candidate scores best first.
+
+    ``ranked`` is ``[T, k_max]``, sorted in descending order along the last dimension;
+    the result is a bool ``[T, k_max]`` mask with exactly ``k x T`` entries set.
+    """
+    n_tokens, k_max = ranked.shape
+    check_bounds(k, k_min, k_max, k_max)
+    keep = torch.zeros_like(ranked, dtype=torch.bool)
+    keep[:, :k_min] = True
+    extra = (k - k_min) * n_tokens
+    if extra:
+        pool = ranked[:, k_min:].reshape(-1)
+        chosen = pool.topk(extra, sorted=False).indices
+        tail = torch.zeros(pool.shape, dtype=torch.bool, device=ranked.device)
+        tail[chosen] = True
+        keep[:, k_min:] = tail.view(n_tokens, k_max - k_min)
+    return keep
+
+
+def select(
+    scores: torch.Tensor, k: int, k_min: int = 1, k_max: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply Alloc-T to routing scores ``[T, n_expert]``.
+
+    Returns ``(mask, counts)``: a bool ``[T, n_expert]`` mask of the selected experts and
+    the number selected per token (``[T]``). ``k_max`` defaults to ``n_expert``.
+    """
+    n_expert = scores.shape[-1]
+    k_max = n_expert if k_max is None else k_max
+    check_bounds(k, k_min, k_max, n_expert)
+    ranked, index = scores.topk(k_max, dim=-1, sorted=True)
+    keep = select_ranked(ranked, k, k_min)
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, index, keep)
+    return mask, mask.sum(dim=-1)
