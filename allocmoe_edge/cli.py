@@ -18,8 +18,11 @@ from . import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "allocate": ("allocate", "Choose per-layer expert counts for a budget (Alloc-L DP)."),
     "build-runtime": ("build_runtime", "Build and install the patched llama-cpp-python."),
+    "convert": ("convert", "Convert a Hugging Face checkpoint to one GGUF holding budget plans."),
     "doctor": ("doctor", "Report the installed llama_cpp and whether it is patched."),
     "inspect": ("inspect", "Show a GGUF's MoE shape and its allocmoe plans."),
+    "profile": ("profile", "Measure layer sensitivities S[l, k] of a Hugging Face MoE model (torch)."),
+    "refine": ("refine", "Measure a plan end to end and refine it by local search (torch)."),
     "stamp": ("stamp", "Write per-layer expert counts into a copy of a GGUF."),
     "run": ("run", "Generate text from a (budgeted) GGUF."),
 }

@@ -188,10 +188,14 @@ def identity(info: ModelInfo, architecture: str | None = None) -> Any:
 
 
 def stored_plan_from_file(info: ModelInfo, path: str | os.PathLike[str]) -> StoredPlan:
-    """Load a plan.json and check it against the GGUF's shape (GGUF and HF architecture names differ)."""
+    """Load a plan.json and check it against the GGUF's shape."""
     from .plan import Plan
 
-    plan = Plan.load(path)
+    return stored_plan(info, Plan.load(path))
+
+
+def stored_plan(info: ModelInfo, plan: Any) -> StoredPlan:
+    """A Plan as stored in the GGUF, checked against its shape (GGUF and HF architecture names differ)."""
     plan.check_against(identity(info, plan.model.architecture))
     return StoredPlan(counts=tuple(plan.layer_expert_counts()), budget=plan.budget.fraction,
                       budget_count=plan.budget.count, method=plan.method, name=f"{plan.method}@{plan.budget.fraction:g}")

@@ -24,6 +24,9 @@ def llama_cpp_module() -> Any:
         import llama_cpp
     except ImportError as e:
         raise AllocMoeError("llama-cpp-python is not installed; run `allocmoe build-runtime`") from e
+    except (OSError, RuntimeError) as e:  # the shared library failed to load
+        raise AllocMoeError(f"llama-cpp-python is installed but its library does not load ({e}); "
+                            "run `allocmoe build-runtime`") from e
     return llama_cpp
 
 

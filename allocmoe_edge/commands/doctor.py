@@ -19,7 +19,7 @@ def command(as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     if not report["installed"]:
-        click.echo(f"llama-cpp-python: not installed ({report['error']})")
+        click.echo(f"llama-cpp-python: unusable: {report['error']}")
         return
     click.echo(f"llama-cpp-python {report['llama_cpp_python']} at {report['module']}")
     state = f"patched (allocmoe patch series v{report['allocmoe_patch_version']})" if report["patched"] else \

@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - venv, patched runtime, then the whole pipeline on the bundled model
+#   make test   - venv, patched runtime, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.allocmoe-installed
+
+.PHONY: venv runtime demo test clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[torch,plot,test]'
+	touch $@
+
+runtime: venv
+	$(BIN)/allocmoe build-runtime
+
+demo: runtime
+	$(BIN)/allocmoe demo
+
+test: runtime
+	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra
+
+clean-venv:
+	rm -rf $(VENV)

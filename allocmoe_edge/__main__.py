@@ -1,0 +1,5 @@
+"""`python -m allocmoe_edge` runs the CLI."""
+
+from .cli import main
+
+main()

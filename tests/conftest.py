@@ -1,0 +1,58 @@
+"""Shared fixtures: the patched runtime (skip, or fail under ALLOCMOE_REQUIRE_RUNTIME=1) and
+tiny models converted to GGUF once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _require_runtime() -> None:
+    from allocmoe_edge.errors import AllocMoeError
+    from allocmoe_edge.runtime import patch_version
+
+    try:
+        version = patch_version()
+    except AllocMoeError as e:
+        version, why = None, str(e)
+    else:
+        why = "the installed llama-cpp-python is a stock build"
+    if version is None:
+        if os.environ.get("ALLOCMOE_REQUIRE_RUNTIME") == "1":
+            pytest.fail(f"patched runtime required: {why}; run `allocmoe build-runtime`")
+        pytest.skip(f"needs the patched runtime ({why})")
+
+
+@pytest.fixture(scope="session")
+def patched_runtime() -> None:
+    """Skip (or fail in CI) unless the patched llama-cpp-python is installed."""
+    _require_runtime()
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab() -> Path:
+    """llama.cpp's GPT-2 vocab GGUF from the pinned sdist (a BPE the converter knows)."""
+    from allocmoe_edge.build_runtime import vendor_dir
+
+    return vendor_dir() / "models" / "ggml-vocab-gpt-2.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, gpt2_vocab):
+    """``tiny_gguf(arch) -> (hf_dir, gguf_path)``: a tiny random model and its f32 GGUF, made once."""
+    from allocmoe_edge.convert import convert_hf
+
+    from .tiny_models import save_tiny_model
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def make(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            root = tmp_path_factory.mktemp(arch)
+            hf_dir = save_tiny_model(arch, root / "hf", seed=0, vocab_gguf=gpt2_vocab)
+            made[arch] = (hf_dir, convert_hf(hf_dir, root / "model-f32.gguf", "f32"))
+        return made[arch]
+
+    return make

@@ -1,0 +1,44 @@
+"""Logits from llama.cpp (patched runtime) and from transformers for the same tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def tokens_for(vocab: int, n: int = 24, seed: int = 0) -> list[int]:
+    """A fixed random token sequence."""
+    return np.random.default_rng(seed).integers(1, vocab, size=n).tolist()
+
+
+def llama_logits(path: Path, tokens: Sequence[int], choice=None, **kw) -> np.ndarray:
+    """All-position logits from llama.cpp for ``tokens`` evaluated as one ubatch."""
+    from allocmoe_edge.runtime import load
+
+    llm = load(path, choice, logits_all=True, n_ctx=max(64, len(tokens)), n_batch=512, n_threads=2, **kw)
+    llm.eval(list(tokens))
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def torch_logits(hf_dir: Path, tokens: Sequence[int], counts: Sequence[int] | None = None,
+                 alloc_t: dict | None = None) -> np.ndarray:
+    """transformers logits (float32) with per-MoE-layer top-k ``counts`` or an Alloc-T plan."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from allocmoe_edge import hf
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ctx = contextlib.nullcontext()
+    if alloc_t is not None:
+        ctx = hf.token_alloc(model, counts, **alloc_t)
+    elif counts is not None:
+        ctx = hf.layer_topk(model, counts)
+    with torch.no_grad(), ctx:
+        return model(torch.tensor([list(tokens)])).logits[0].float().numpy()

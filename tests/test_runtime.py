@@ -1,0 +1,132 @@
+"""The patched llama.cpp runs per-layer expert counts: logits against transformers, full-budget
+paths bit for bit, hostile plans rejected cleanly (loads run in subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.runtime import LoadChoice
+
+from .llama_logits import llama_logits, tokens_for, torch_logits
+
+pytestmark = [pytest.mark.slow, pytest.mark.runtime]
+
+# f32 on both sides; the residual differences come from summation order and llama.cpp's
+# own kernels (rms_norm, rope, softmax). With these tiny random models logits are O(0.1-1),
+# and observed differences are ~1e-5; 2e-3 relative leaves margin without hiding a wrong
+# expert (one changed expert moves logits by ~1e-1 here).
+RTOL = 2e-3
+
+# per-MoE-layer counts that differ from layer 0's value in every case
+COUNTS = {"mixtral": [1, 3, 2], "qwen2_moe": [2, 1, 3], "olmoe": [1, 2, 1], "qwen3_moe": [2, 1, 1]}
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(1e-6, float(np.max(np.abs(b)))))
+
+
+def test_doctor_says_patched(patched_runtime):
+    out = subprocess.run([sys.executable, "-m", "allocmoe_edge", "doctor", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["patched"] is True and report["allocmoe_patch_version"] >= 1
+
+
+@pytest.mark.parametrize("arch", sorted(COUNTS))
+def test_per_layer_counts_match_transformers(patched_runtime, tiny_gguf, tmp_path, arch):
+    hf_dir, path = tiny_gguf(arch)
+    info = read_info(path)
+    counts = COUNTS[arch]
+    stamped = tmp_path / "plan.gguf"
+    stamp(path, stamped, [plan_for_counts(info, counts)])
+    tokens = tokens_for(50000)
+    ref = torch_logits(hf_dir, tokens, counts)
+    got = llama_logits(stamped, tokens)
+    full = torch_logits(hf_dir, tokens)
+    assert _close(got, ref) < RTOL, f"{arch}: llama.cpp vs transformers at {counts}: {_close(got, ref):.2e}"
+    # the plan really changes the result (so the comparison above could fail)
+    assert _close(full, ref) > 50 * RTOL
+
+
+def test_full_budget_paths_are_bitwise_identical(patched_runtime, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    k = info.expert_used_count
+    tokens = tokens_for(50000)
+    stamp(path, tmp_path / "a.gguf", [plan_for_counts(info, [1, 2, 1]), plan_for_counts(info, [k] * 3)])
+    plain = llama_logits(path, tokens)
+    assert np.array_equal(plain, llama_logits(tmp_path / "a.gguf", tokens, LoadChoice(full_budget=True)))
+    assert np.array_equal(plain, llama_logits(tmp_path / "a.gguf", tokens, LoadChoice(plan_index=1)))
+    # a uniform plan equals the stock expert_used_count override users rely on today
+    stamp(path, tmp_path / "u.gguf", [plan_for_counts(info, [2, 2, 2])])
+    assert np.array_equal(llama_logits(tmp_path / "u.gguf", tokens), llama_logits(path, tokens, LoadChoice(uniform_k=2)))
+
+
+def test_plan_selected_per_load(patched_runtime, tiny_gguf, tmp_path):
+    from allocmoe_edge.runtime import layer_counts, load
+
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    stamp(path, tmp_path / "p.gguf", [plan_for_counts(info, [1, 2, 1]), plan_for_counts(info, [3, 1, 2])], default=1)
+    assert layer_counts(load(tmp_path / "p.gguf")) == [3, 1, 2]
+    assert layer_counts(load(tmp_path / "p.gguf", LoadChoice(plan_index=0))) == [1, 2, 1]
+    assert layer_counts(load(tmp_path / "p.gguf", LoadChoice(full_budget=True))) == [3, 3, 3]
+
+
+def _hostile(path, out, fields=None, drop_extra=()):
+    """Stamp a valid plan, then overwrite or drop keys with hostile values."""
+    T = gguf.GGUFValueType
+    base = {PREFIX + "version": (1, T.UINT32, None), PREFIX + "layer_expert_counts": ([1, 2, 1], T.ARRAY, T.UINT32)}
+    base.update(fields or {})
+    base = {k: v for k, v in base.items() if v is not None}
+    copy_with_metadata(path, out, base, drop=lambda k: k.startswith(PREFIX) or k in drop_extra)
+    return out
+
+
+T = gguf.GGUFValueType
+HOSTILE = {
+    "short": {PREFIX + "layer_expert_counts": ([1, 2], T.ARRAY, T.UINT32)},
+    "long": {PREFIX + "layer_expert_counts": ([1, 2, 1, 1], T.ARRAY, T.UINT32)},
+    "zero": {PREFIX + "layer_expert_counts": ([1, 0, 1], T.ARRAY, T.UINT32)},
+    "above_n_expert": {PREFIX + "layer_expert_counts": ([1, 7, 1], T.ARRAY, T.UINT32)},
+    "huge": {PREFIX + "layer_expert_counts": ([1, 2**32 - 1, 1], T.ARRAY, T.UINT32)},
+    "negative_int32": {PREFIX + "layer_expert_counts": ([1, -2, 1], T.ARRAY, T.INT32)},
+    "float_array": {PREFIX + "layer_expert_counts": ([1.0, 2.0, 1.0], T.ARRAY, T.FLOAT32)},
+    "string_not_array": {PREFIX + "layer_expert_counts": ("1,2,1", T.STRING, None)},
+    "k_min_above_count": {PREFIX + "token_k_min": (2, T.UINT32, None)},
+    "k_max_above_experts": {PREFIX + "token_k_max": (9, T.UINT32, None)},
+    "k_max_below_count": {PREFIX + "token_k_max": (1, T.UINT32, None),
+                          PREFIX + "layer_expert_counts": ([1, 2, 1], T.ARRAY, T.UINT32)},
+    "k_min_string": {PREFIX + "token_k_min": ("one", T.STRING, None)},
+    "future_version": {PREFIX + "version": (99, T.UINT32, None)},
+    "plan_index_without_plans": {PREFIX + "plan_index": (0, T.INT32, None)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_plan_fails_cleanly(patched_runtime, tiny_gguf, tmp_path, case):
+    _, path = tiny_gguf("mixtral")
+    bad = _hostile(path, tmp_path / f"{case}.gguf", HOSTILE[case])
+    proc = subprocess.run([sys.executable, "-m", "allocmoe_edge", "run", str(bad), "-p", "hi", "-n", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # clean error, not a signal
+    assert "allocmoe" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stamp_inspect_run_cli(patched_runtime, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("mixtral")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "allocmoe_edge", *a], capture_output=True, text=True)
+    out = run("stamp", str(path), "--counts", "1,2,1", "--counts", "2,2,2", "-o", str(tmp_path / "s.gguf"))
+    assert out.returncode == 0, out.stderr
+    info = json.loads(run("inspect", str(tmp_path / "s.gguf"), "--json").stdout)
+    assert info["allocmoe"]["layer_expert_counts"] == [1, 2, 1]
+    assert info["expert_used_count"] == 3 and info["block_count"] == 3
+    res = json.loads(run("run", str(tmp_path / "s.gguf"), "-p", "hello", "-n", "4", "--budget", "0.6667", "--json").stdout)
+    assert res["layer_counts"] == [2, 2, 2]
