@@ -366,5 +366,11 @@ def load_model(
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids should go: the CPU for accelerate-dispatched models (its hooks move them)."""
-    return torch.device("cpu") if getattr(model, "hf_device_map", None) else model.device
+    """Where input ids should go: the device of the first placed module (accelerate's hooks move them on)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return model.device
+    first = next(iter(device_map.values()))
+    if first in ("cpu", "disk"):
+        return torch.device("cpu")
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)

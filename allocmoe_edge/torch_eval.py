@@ -1,0 +1,163 @@
+"""Quality of expert-count plans with the torch backend: PPL, KL divergence, top-1 agreement.
+
+Text is cut into windows of ``ctx`` tokens the way llama-perplexity does (the first token of
+each window is BOS when the tokenizer has one) and, as there, only the second half of each
+window is scored (``score_all`` scores every position, as ``profile`` does). Every plan is
+compared with the full-budget model on the same windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .errors import AllocMoeError
+
+PlanSpec = tuple[Sequence[int], bool]  # (counts per MoE layer, Alloc-T on)
+
+
+def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """The text of ``path`` and its description (file name and sha256)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
+    return data.decode("utf-8", errors="replace"), {"file": str(p), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def token_windows(tokenizer: Any, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
+    """``[n_windows, ctx]`` token ids: consecutive windows of ``text``, BOS first in each when the tokenizer has one."""
+    if ctx < 4:
+        raise AllocMoeError(f"context {ctx} is too short; use at least 4 tokens")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        ids = [bos] + ids
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // ctx
+    if n == 0:
+        raise AllocMoeError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}; use more text or a smaller --ctx")
+    windows = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
+    if bos is not None:
+        windows[:, 0] = bos
+    return windows
+
+
+@dataclass
+class Quality:
+    """Accumulates token NLL and, against reference logits, KL divergence and top-1 agreement."""
+
+    nll_sum: float = 0.0
+    n_tokens: int = 0
+    top1_same: int = 0
+    kld: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Score ``logits [N, V]`` predicting ``targets [N]``; compare with ``reference [N, V]`` if given."""
+        logp = logits.float().log_softmax(dim=-1)
+        self.nll_sum -= float(logp.gather(-1, targets.unsqueeze(-1)).double().sum())
+        self.n_tokens += targets.numel()
+        if reference is not None:
+            ref = reference.float().log_softmax(dim=-1)
+            self.kld.append((ref.exp() * (ref - logp)).sum(dim=-1).clamp_min(0).cpu())
+            self.top1_same += int((ref.argmax(dim=-1) == logp.argmax(dim=-1)).sum())
+
+    def result(self) -> dict[str, float]:
+        """``ppl`` and ``nll`` (mean per token), plus ``kld``, ``kld_p99`` and ``top1`` when compared."""
+        nll = self.nll_sum / self.n_tokens
+        out = {"ppl": math.exp(nll), "nll": nll}
+        if self.kld:
+            kld = torch.cat(self.kld).double()
+            out.update(
+                kld=float(kld.mean()),
+                kld_p99=float(torch.quantile(kld, 0.99)),
+                top1=self.top1_same / self.n_tokens,
+            )
+        return out
+
+
+def measure(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    plans: Mapping[str, PlanSpec],
+    k_min: int = 1,
+    k_max: int | None = None,
+    score_all: bool = False,
+    on_window: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Quality of the full-budget model (``"full"``) and of every plan on ``windows``.
+
+    Each plan's entry also has ``activations_per_token``: routed activations actually
+    executed per token, summed over MoE layers.
+    """
+    from .hf import expert_counts, input_device
+
+    device = input_device(model)
+    first = 0 if score_all else windows.shape[1] // 2
+    full = Quality()
+    scores = {name: Quality() for name in plans}
+    spent: dict[str, list[float]] = {name: [] for name in plans}
+    with torch.no_grad():
+        for window in windows:
+            ids = window.unsqueeze(0).to(device)
+            targets = window[first + 1 :].to(device)
+            reference = model(ids, use_cache=False).logits[0, first:-1]
+            full.add(reference, targets.to(reference.device))
+            for name, (counts, alloc_t) in plans.items():
+                with expert_counts(model, counts, alloc_t, k_min, k_max) as counter:
+                    logits = model(ids, use_cache=False).logits[0, first:-1]
+                scores[name].add(logits, targets.to(logits.device), reference.to(logits.device))
+                spent[name].append(counter.total_per_token())
+            if on_window is not None:
+                on_window()
+    return {
+        "full": full.result(),
+        "plans": {
+            name: {
+                "counts": list(plans[name][0]),
+                "alloc_t": plans[name][1],
+                **scores[name].result(),
+                "activations_per_token": sum(spent[name]) / len(spent[name]),
+            }
+            for name in plans
+        },
+    }
+
+
+def evaluate_torch(
+    model_dir: str | os.PathLike[str],
+    text_file: str | os.PathLike[str],
+    plans: Mapping[str, PlanSpec],
+    ctx: int = 512,
+    max_tokens: int | None = None,
+    k_min: int = 1,
+    k_max: int | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    on_window: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Load the model in ``model_dir`` and measure every plan on ``text_file`` (JSON-able result).
+
+    ``plans`` maps a name to ``(counts per MoE layer, alloc_t)``; Alloc-T plans use
+    ``k_min`` / ``k_max`` (default: the model's top-k).
+    """
+    from .hf import load_model, model_identity
+
+    text, described = read_text(text_file)
+    model, tokenizer = load_model(model_dir, max_memory, offload_folder)
+    windows = token_windows(tokenizer, text, ctx, max_tokens)
+    result = measure(model, windows, plans, k_min, k_max, on_window=on_window)
+    return {
+        "backend": "torch",
+        "model": model_identity(model).to_dict(),
+        "text": {**described, "n_tokens": windows.numel(), "ctx": ctx},
+        **result,
+    }
