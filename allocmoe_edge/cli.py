@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-runtime": ("build_runtime", "Build and install the patched llama-cpp-python."),
     "convert": ("convert", "Convert a Hugging Face checkpoint to one GGUF holding budget plans."),
     "doctor": ("doctor", "Report the installed llama_cpp and whether it is patched."),
+    "eval": ("eval", "Perplexity, KL divergence and top-1 agreement of every budget configuration."),
     "inspect": ("inspect", "Show a GGUF's MoE shape and its allocmoe plans."),
     "profile": ("profile", "Measure layer sensitivities S[l, k] of a Hugging Face MoE model (torch)."),
     "refine": ("refine", "Measure a plan end to end and refine it by local search (torch)."),

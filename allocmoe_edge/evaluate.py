@@ -1,0 +1,349 @@
+"""Quality of a budgeted GGUF with llama.cpp: perplexity, KL divergence to full budget, top-1 agreement.
+
+The protocol is llama-perplexity's (``perplexity`` and ``kl_divergence`` in llama.cpp's
+tools/perplexity/perplexity.cpp): the text is tokenized with the model's tokenizer and cut
+into chunks of ``ctx`` tokens; the first token of each chunk becomes BOS when the vocabulary
+adds BOS; each chunk is decoded as one batch and one ubatch (Alloc-T redistributes within a
+ubatch); only the second half is scored (logits at positions ctx/2 .. ctx-2, each predicting
+the next token). Standard errors are perplexity.cpp's: sqrt((E[x²] - E[x]²) / (n - 1)), and
+PPL ± PPL x se(NLL). Differences from llama.cpp: the KL divergence sums over the whole
+vocabulary from float32 log-probs (llama.cpp keeps uint16-quantised base log-probs and skips
+p < e^-16), and one chunk of text is enough (llama.cpp asks for two).
+
+Every configuration is compared with the full-budget log-probs of the same positions, which
+are computed once and kept in a temporary file. In the JSON, ``top1`` and ``rms_dp`` are
+fractions (as in ``torch_eval``); the markdown table shows them in %.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import AllocMoeError
+from .gguf_meta import ModelInfo, read_info
+from .runtime import LoadChoice
+
+DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
+BUDGET_TOLERANCE = 0.02  # a stored plan matches a --budgets value within this fraction
+_BLOCK_ROWS = 16  # positions per block in the KLD sum: bounds temporaries for large vocabularies
+
+Progress = Callable[[str, int, int], None]  # (configuration name, done, total) over (config, chunk)
+
+
+# ---------------------------------------------------------------- metrics (pure numpy)
+
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of ``[N, V]`` logits in float32 (the exponential sums in float64)."""
+    x = np.asarray(logits, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
+    return shifted - lse.astype(np.float32)
+
+
+def score_positions(logp: np.ndarray, targets: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    """Per position: NLL of ``targets`` under ``logp``, KL(ref || logp), Δp of the target, same top token.
+
+    ``logp`` and ``ref`` are ``[N, V]`` log-probs (``ref`` from the full-budget model), ``targets`` ``[N]``.
+    """
+    rows = np.arange(len(targets))
+    nll = -logp[rows, targets].astype(np.float64)
+    ref_target = np.asarray(ref[rows, targets], dtype=np.float64)
+    kld = np.empty(len(targets))
+    for s in range(0, len(targets), _BLOCK_ROWS):
+        r = np.asarray(ref[s:s + _BLOCK_ROWS])
+        kld[s:s + _BLOCK_ROWS] = (np.exp(r) * (r - logp[s:s + _BLOCK_ROWS])).sum(axis=-1, dtype=np.float64)
+    return {
+        "nll": nll,
+        "kld": kld,
+        "p_diff": np.exp(-nll) - np.exp(ref_target),
+        "same_top": np.argmax(logp, axis=-1) == np.argmax(ref, axis=-1),
+    }
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error as perplexity.cpp computes them (0 when undefined)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    var = float((x * x).mean()) - mean * mean
+    return mean, math.sqrt(var / (x.size - 1)) if x.size > 1 and var > 0 else 0.0
+
+
+def perplexity(nll: np.ndarray) -> tuple[float, float]:
+    """PPL = exp(mean NLL) and its standard error PPL x se(NLL), as llama-perplexity reports them."""
+    mean, se = mean_se(nll)
+    ppl = math.exp(mean)
+    return ppl, ppl * se
+
+
+def percentile(values: np.ndarray, fraction: float) -> float:
+    """Linear interpolation between order statistics (llama.cpp's ``percentile``)."""
+    return float(np.quantile(np.asarray(values, dtype=np.float64), fraction))
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """The quality row of one configuration from its per-position ``scores`` (see score_positions)."""
+    ppl, ppl_se = perplexity(scores["nll"])
+    kld_mean, kld_se = mean_se(scores["kld"])
+    return {
+        "ppl": ppl, "ppl_se": ppl_se, "kld_mean": kld_mean, "kld_se": kld_se,
+        "kld_p99": percentile(scores["kld"], 0.99),
+        "top1": float(np.mean(scores["same_top"])),
+        "rms_dp": math.sqrt(float(np.mean(np.square(scores["p_diff"])))),
+        "nll": float(np.mean(scores["nll"])), "n_tokens": int(scores["nll"].size),
+    }
+
+
+# ---------------------------------------------------------------- chunking protocol
+
+def chunk_tokens(tokens: Sequence[int], ctx: int, chunks: int | None = None, bos: int | None = None) -> np.ndarray:
+    """``[n_chunks, ctx]`` consecutive chunks of ``tokens``; the first of each is ``bos`` when given."""
+    if ctx < 4:
+        raise AllocMoeError(f"--ctx {ctx} is too short; use at least 4 tokens")
+    n = len(tokens) // ctx
+    if n == 0:
+        raise AllocMoeError(f"the text has {len(tokens)} tokens; one chunk of --ctx {ctx} needs at least {ctx}: "
+                            "use a longer text or a smaller --ctx")
+    if chunks is not None:
+        n = min(n, chunks)
+    out = np.asarray(tokens[: n * ctx], dtype=np.int32).reshape(n, ctx)
+    if bos is not None:
+        out[:, 0] = bos
+    return out
+
+
+def scored(ctx: int) -> slice:
+    """Rows of a chunk's logits that are scored: the second half, each predicting the token after it."""
+    return slice(ctx // 2, ctx - 1)
+
+
+def scored_count(ctx: int) -> int:
+    """Scored positions per chunk."""
+    return ctx - 1 - ctx // 2
+
+
+# ---------------------------------------------------------------- configurations
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One way of running the model: a row of the quality table."""
+
+    name: str
+    method: str
+    alloc_t: bool = False
+    plan: int | None = None  # index of a stored plan
+    k: int | None = None  # uniform top-k
+
+    def choice(self) -> LoadChoice:
+        """How llama.cpp runs this configuration (Alloc-T off is token_k_max = 0)."""
+        if self.plan is not None:
+            return LoadChoice(plan_index=self.plan, token_k_max=None if self.alloc_t else 0)
+        if self.k is not None:
+            return LoadChoice(uniform_k=self.k)
+        return LoadChoice(full_budget=True)
+
+
+def uniform_k(k_orig: int, budget: float) -> int:
+    """Uniform top-k nearest to ``budget`` (a fraction of ``k_orig``, halves rounded up), at least 1."""
+    return max(1, min(k_orig, math.floor(budget * k_orig + 0.5)))
+
+
+def configurations(plans: Sequence[tuple[str, float]], k_orig: int, alloc_t: bool,
+                   budgets: Sequence[float] | None = None) -> list[EvalConfig]:
+    """Full budget first; each plan ``(method, budget fraction)`` with Alloc-T on (when ``alloc_t``) and
+    off; uniform top-k at the same budgets.
+
+    ``budgets`` restricts the plans (within BUDGET_TOLERANCE) and sets the uniform budgets; by
+    default every plan is run, with uniform top-k at the plans' budgets (DEFAULT_BUDGETS when
+    there are no plans). Uniform top-k equal to ``k_orig`` is the full-budget row and is dropped.
+    """
+    for b in budgets or ():
+        if not 0 < b <= 1:
+            raise AllocMoeError(f"budget {b} must be a fraction in (0, 1]")
+    chosen = [(i, method, budget) for i, (method, budget) in enumerate(plans)
+              if not budgets or any(abs(budget - b) <= BUDGET_TOLERANCE for b in budgets)]
+    configs = [EvalConfig("full", "full")]
+    for i, method, _ in chosen:
+        base = method.removesuffix("+t")
+        if alloc_t:
+            configs.append(EvalConfig(f"{base}+t (plan {i})", f"{base}+t", True, plan=i))
+        configs.append(EvalConfig(f"{base} (plan {i})", base, False, plan=i))
+    uniform_budgets = budgets or [budget for _, _, budget in chosen] or DEFAULT_BUDGETS
+    ks = sorted({uniform_k(k_orig, b) for b in uniform_budgets} - {k_orig})
+    return configs + [EvalConfig(f"uniform k={k}", "uniform", k=k) for k in ks]
+
+
+def gguf_configurations(info: ModelInfo, budgets: Sequence[float] | None = None) -> list[EvalConfig]:
+    """The configurations of a GGUF's stored plans (Alloc-T rows when the file's token_k_max is set)."""
+    alloc_t = bool(info.allocmoe.get("token_k_max", 0))
+    return configurations([(p.method, p.budget) for p in info.plans], info.expert_used_count, alloc_t, budgets)
+
+
+# ---------------------------------------------------------------- llama.cpp backend
+
+def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """The text of ``path`` and its description (path and sha256)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
+    return data.decode("utf-8", errors="replace"), {"path": str(p), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _reference_store(folder: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A float32 array on disk for the full-budget log-probs; a clear error when the disk is too small."""
+    need = int(np.prod(shape)) * 4
+    free = shutil.disk_usage(folder).free
+    if need > free - (256 << 20):
+        raise AllocMoeError(f"the full-budget log-probs need {need / 2**30:.2f} GiB in {folder} but "
+                            f"{free / 2**30:.2f} GiB are free; use fewer --chunks or set TMPDIR to a larger disk")
+    return np.lib.format.open_memmap(os.path.join(folder, "reference.npy"), mode="w+", dtype=np.float32, shape=shape)
+
+
+def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
+    """Log-probs at the scored positions of ``chunk``, decoded from an empty cache as one batch."""
+    llm.reset()
+    llm.eval(chunk.tolist())
+    return log_probs(llm.scores[scored(len(chunk))])
+
+
+def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[str], ctx: int = 256,
+                   chunks: int | None = None, budgets: Sequence[float] | None = None,
+                   n_threads: int | None = None, n_gpu_layers: int = 0,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result."""
+    from .runtime import doctor, layer_counts, load
+
+    info = read_info(model)
+    if info.allocmoe.get("synthetic"):
+        raise AllocMoeError(f"{model} is marked synthetic (allocmoe.synthetic): its weights are random, so "
+                            "perplexity and KL divergence mean nothing; use it for speed measurements only")
+    if not info.moe_layers:
+        raise AllocMoeError(f"{model} has no MoE layers; there is no expert budget to evaluate")
+    if chunks is not None and chunks < 1:
+        raise AllocMoeError(f"--chunks {chunks} must be at least 1")
+    configs = gguf_configurations(info, budgets)
+    text, text_meta = read_text(text_file)
+    rows = scored(ctx)
+    llama_kwargs = dict(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads,
+                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="allocmoe-eval-") as tmp:
+        for config in configs:
+            llm = load(model, config.choice(), **llama_kwargs)
+            try:
+                if config is configs[0]:  # full budget: tokenize, then keep its log-probs as the reference
+                    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+                    bos = llm.token_bos() if llm._model.add_bos_token() else None
+                    windows = chunk_tokens(tokens, ctx, chunks, bos)
+                    ref = _reference_store(tmp, (len(windows), scored_count(ctx), llm.n_vocab()))
+                counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
+                parts = []
+                for c, window in enumerate(windows):
+                    logp = _chunk_log_probs(llm, window)
+                    if config is configs[0]:
+                        ref[c] = logp
+                    parts.append(score_positions(logp, window[rows.start + 1:], ref[c]))
+                    if progress is not None:
+                        progress(config.name, len(results) * len(windows) + c + 1, len(configs) * len(windows))
+            finally:
+                llm.close()
+            scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            results.append(_row(config, sum(counts), counts, info.full_budget, summarize(scores)))
+    return {
+        "backend": "llama",
+        "model": {"path": str(model), **{k: v for k, v in info.to_json().items() if k not in ("path", "allocmoe")},
+                  "token_k_min": info.allocmoe.get("token_k_min"), "token_k_max": info.allocmoe.get("token_k_max")},
+        "text": {**text_meta, "n_tokens": len(tokens)},
+        "ctx": ctx, "chunks": len(windows), "scored_per_chunk": scored_count(ctx),
+        "results": results,
+        "runtime": {**doctor(), "n_batch": ctx, "n_ubatch": ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers},
+        "tool": f"allocmoe-edge {__version__}",
+    }
+
+
+def _row(config: EvalConfig, activations: float, counts: list[int], full_budget: int,
+         quality: dict[str, Any]) -> dict[str, Any]:
+    """One JSON result row: the configuration, its measured activations and its quality."""
+    return {"name": config.name, "method": config.method, "budget": activations / full_budget,
+            "alloc_t": config.alloc_t, "activations_per_token": activations, **quality, "counts": counts}
+
+
+# ---------------------------------------------------------------- torch backend
+
+def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.PathLike[str],
+                         plan_files: Sequence[str | os.PathLike[str]], ctx: int = 256, chunks: int | None = None,
+                         budgets: Sequence[float] | None = None,
+                         on_window: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The same configurations for a Hugging Face model through ``torch_eval.evaluate_torch``.
+
+    The plans come from plan JSON files (they give the model's shape); the result has
+    evaluate_llama's layout, without standard errors and Δp, which torch_eval does not compute.
+    """
+    import torch
+
+    from .plan import Plan
+    from .torch_eval import evaluate_torch
+
+    if not plan_files:
+        raise AllocMoeError("the torch backend evaluates plan files: give at least one --plan")
+    plans = [Plan.load(p) for p in plan_files]
+    model, bounds = plans[0].model, (plans[0].token_k_min, plans[0].token_k_max)
+    for path, p in zip(plan_files, plans):
+        if p.model != model or (p.token_k_min, p.token_k_max) != bounds:
+            raise AllocMoeError(f"{path} is for another model shape or other Alloc-T bounds than {plan_files[0]}; "
+                                "evaluate it in a separate run")
+    configs = configurations([(p.method, p.budget.fraction) for p in plans], model.k_orig, bool(bounds[1]), budgets)
+    n_moe = len(model.moe_layers)
+    counts = {c.name: list(plans[c.plan].counts) if c.plan is not None else [c.k or model.k_orig] * n_moe
+              for c in configs}
+    raw = evaluate_torch(model_dir, text_file, {c.name: (counts[c.name], c.alloc_t) for c in configs[1:]},
+                         ctx=ctx, max_tokens=chunks * ctx if chunks else None, k_min=bounds[0],
+                         k_max=bounds[1] or None, on_window=on_window)
+    results = []
+    for c in configs:
+        r = raw["plans"].get(c.name, {**raw["full"], "activations_per_token": model.full_budget})
+        quality = {"ppl": r["ppl"], "ppl_se": None, "kld_mean": r.get("kld", 0.0), "kld_se": None,
+                   "kld_p99": r.get("kld_p99", 0.0), "top1": r.get("top1", 1.0), "rms_dp": None, "nll": r["nll"]}
+        results.append(_row(c, r["activations_per_token"], counts[c.name], model.full_budget, quality))
+    return {
+        "backend": "torch", "model": raw["model"],
+        "text": {"path": raw["text"]["file"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
+        "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx),
+        "results": results, "runtime": {"torch": torch.__version__}, "tool": f"allocmoe-edge {__version__}",
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The quality table of an evaluation result; ΔPPL is relative to the first (full-budget) row."""
+    rows = result["results"]
+    base = rows[0]["ppl"]
+
+    def pm(value: float | None, se: float | None, digits: int) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    lines = ["| config | budget | act/token | PPL | ΔPPL % | KLD | KLD p99 | top-1 % | RMS Δp % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['budget']:.3f} | {r['activations_per_token']:g} | {pm(r['ppl'], r.get('ppl_se'), 4)} "
+            f"| {100 * (r['ppl'] / base - 1):+.2f} | {pm(r.get('kld_mean'), r.get('kld_se'), 6)} "
+            f"| {pm(r.get('kld_p99'), None, 6)} | {pct(r.get('top1'))} | {pct(r.get('rms_dp'))} |")
+    return "\n".join(lines)

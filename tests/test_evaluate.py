@@ -1,0 +1,222 @@
+"""`allocmoe eval`: metrics against hand computations, llama-perplexity's chunking, configurations,
+and (with the patched runtime) a tiny model end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from allocmoe_edge.errors import AllocMoeError
+from allocmoe_edge.evaluate import (
+    chunk_tokens, evaluate_llama, gguf_configurations, log_probs, markdown_table, mean_se, percentile, perplexity,
+    score_positions, scored, summarize, uniform_k,
+)
+from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.runtime import LoadChoice
+
+from .ggufs import write_fake_moe
+
+
+def test_log_probs_normalised_and_shift_invariant():
+    logits = np.array([[0.0, 1.0, 2.0], [1000.0, 1000.0, 1000.0]], dtype=np.float32)
+    lp = log_probs(logits)
+    assert lp.dtype == np.float32
+    np.testing.assert_allclose(np.exp(lp).sum(axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(lp[1], np.log(1 / 3), rtol=1e-6)
+    np.testing.assert_allclose(lp[0], np.array([0.0, 1.0, 2.0]) - np.log(1 + np.e + np.e**2), rtol=1e-6)
+
+
+def test_perplexity_of_uniform_distribution_is_vocab_size():
+    lp = log_probs(np.zeros((20, 8), dtype=np.float32))
+    scores = score_positions(lp, np.arange(20) % 8, lp)
+    ppl, se = perplexity(scores["nll"])
+    assert ppl == pytest.approx(8.0, rel=1e-6) and se == 0.0
+
+
+def test_mean_se_and_ppl_se_as_perplexity_cpp():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    # E[x^2] - E[x]^2 = 7.5 - 6.25 = 1.25; se = sqrt(1.25 / 3)
+    assert mean_se(x) == pytest.approx((2.5, math.sqrt(1.25 / 3)))
+    ppl, se = perplexity(x)
+    assert ppl == pytest.approx(math.exp(2.5)) and se == pytest.approx(math.exp(2.5) * math.sqrt(1.25 / 3))
+    assert mean_se(np.array([5.0])) == (5.0, 0.0)
+
+
+def test_kld_identical_is_exactly_zero_and_known_pair():
+    rng = np.random.default_rng(0)
+    lp = log_probs(rng.normal(size=(40, 50)).astype(np.float32))  # more rows than one block
+    same = score_positions(lp, np.zeros(40, dtype=int), lp)
+    assert np.all(same["kld"] == 0) and np.all(same["p_diff"] == 0) and same["same_top"].all()
+    p, q = np.array([[0.5, 0.5]]), np.array([[0.9, 0.1]])
+    got = score_positions(np.log(q).astype(np.float32), np.array([1]), np.log(p).astype(np.float32))
+    assert got["kld"][0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-6)
+    assert got["nll"][0] == pytest.approx(-math.log(0.1), rel=1e-6)
+    assert got["p_diff"][0] == pytest.approx(0.1 - 0.5, rel=1e-6)
+
+
+def test_top1_p99_rms_summary():
+    ref = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]])).astype(np.float32)
+    cur = np.log(np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])).astype(np.float32)
+    targets = np.array([0, 1, 2, 0])
+    s = summarize(score_positions(cur, targets, ref))
+    assert s["top1"] == pytest.approx(0.5)
+    assert s["rms_dp"] == pytest.approx(math.sqrt(np.mean(np.square([0.6 - 0.7, 0.4 - 0.8, 0.0, 0.1 - 0.5]))), rel=1e-5)
+    assert s["n_tokens"] == 4
+    assert percentile(np.arange(101.0), 0.99) == pytest.approx(99.0)
+    assert percentile(np.array([0.0, 1.0]), 0.99) == pytest.approx(0.99)  # interpolated, as llama.cpp
+
+
+def test_chunks_bos_and_second_half_scored():
+    tokens = list(range(100, 125))  # 25 tokens: 3 chunks of 8, one left over
+    chunks = chunk_tokens(tokens, 8, bos=1)
+    assert chunks.shape == (3, 8)
+    assert chunks[:, 0].tolist() == [1, 1, 1] and chunks[1, 1:].tolist() == list(range(109, 116))
+    assert chunk_tokens(tokens, 8).tolist()[2] == list(range(116, 124))
+    assert chunk_tokens(tokens, 8, chunks=2).shape == (2, 8)
+    rows = scored(8)
+    assert (rows.start, rows.stop) == (4, 7)  # logits at positions 4..6 predict tokens 5..7
+    assert chunks[0, rows.start + 1:].tolist() == [105, 106, 107]
+    with pytest.raises(AllocMoeError, match="needs at least 8"):
+        chunk_tokens(tokens[:7], 8)
+
+
+def test_configurations_cover_methods_and_dedupe(tmp_path):
+    src = write_fake_moe(tmp_path / "m.gguf", n_layer=4, n_expert=8, k=4)
+    info = read_info(src)
+    plans = [plan_for_counts(info, [1, 2, 3, 2], method="alloc-l"), plan_for_counts(info, [4, 4, 2, 2])]
+    stamped = stamp(src, tmp_path / "s.gguf", plans, k_min=1, k_max=4)
+    configs = gguf_configurations(stamped)
+    assert [c.name for c in configs] == ["full", "alloc-l+t (plan 0)", "alloc-l (plan 0)", "custom+t (plan 1)",
+                                        "custom (plan 1)", "uniform k=2", "uniform k=3"]
+    assert configs[0].choice() == LoadChoice(full_budget=True)
+    assert configs[1].choice() == LoadChoice(plan_index=0) and configs[1].alloc_t
+    assert configs[2].choice() == LoadChoice(plan_index=0, token_k_max=0) and not configs[2].alloc_t
+    assert configs[-1].choice() == LoadChoice(uniform_k=3)
+    only_half = gguf_configurations(stamped, [0.5, 1.0])
+    assert [c.name for c in only_half] == ["full", "alloc-l+t (plan 0)", "alloc-l (plan 0)", "uniform k=2"]
+    no_t = stamp(src, tmp_path / "n.gguf", plans[:1], k_max=0)
+    assert [c.method for c in gguf_configurations(no_t)] == ["full", "alloc-l", "uniform"]
+    assert [c.name for c in gguf_configurations(info)] == ["full", "uniform k=1", "uniform k=2", "uniform k=3"]
+    assert uniform_k(4, 0.125) == 1 and uniform_k(4, 0.01) == 1 and uniform_k(3, 0.5) == 2
+    with pytest.raises(AllocMoeError, match="fraction"):
+        gguf_configurations(info, [1.5])
+
+
+def _synthetic_copy(src, dst):
+    copy_with_metadata(src, dst, {PREFIX + "synthetic": (True, gguf.GGUFValueType.BOOL, None)}, drop=lambda k: False)
+    return dst
+
+
+def test_synthetic_file_refused(tmp_path):
+    path = _synthetic_copy(write_fake_moe(tmp_path / "m.gguf"), tmp_path / "syn.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text("hello " * 100)
+    with pytest.raises(AllocMoeError, match="synthetic"):
+        evaluate_llama(path, text)
+
+
+def test_markdown_table_delta_ppl():
+    row = {"name": "full", "budget": 1.0, "activations_per_token": 6, "ppl": 10.0, "ppl_se": 0.1,
+           "kld_mean": 0.0, "kld_se": 0.0, "kld_p99": 0.0, "top1": 1.0, "rms_dp": 0.0}
+    table = markdown_table({"results": [row, {**row, "name": "uniform k=1", "ppl": 11.0, "top1": 0.9}]})
+    lines = table.splitlines()
+    assert len(lines) == 4 and "| 10.0000 ± 0.1000 | +0.00 |" in lines[2]
+    assert "| +10.00 |" in lines[3] and "| 90.00 |" in lines[3]
+
+
+# ---------------------------------------------------------------- with the patched runtime
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def eval_model(tiny_gguf, tmp_path_factory):
+    """The tiny Mixtral with two plans (Alloc-T on) and a text of 3 chunks."""
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    root = tmp_path_factory.mktemp("eval")
+    stamped = root / "plans.gguf"
+    stamp(path, stamped, [plan_for_counts(info, [1, 2, 1], method="alloc-l"), plan_for_counts(info, [2, 2, 2])],
+          k_min=1, k_max=info.expert_used_count)
+    text = root / "text.txt"
+    words = np.random.default_rng(0).choice(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"], 400)
+    text.write_text(" ".join(words))
+    return stamped, text
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_evaluate_llama_rows(patched_runtime, eval_model):
+    path, text = eval_model
+    result = evaluate_llama(path, text, ctx=CTX, chunks=3, n_threads=2)
+    rows = {r["name"]: r for r in result["results"]}
+    full = result["results"][0]
+    assert full["name"] == "full" and full["kld_mean"] == 0.0 and full["kld_p99"] == 0.0 and full["top1"] == 1.0
+    assert full["rms_dp"] == 0.0 and full["activations_per_token"] == 9 and full["budget"] == 1.0
+    assert set(rows) >= {"alloc-l+t (plan 0)", "alloc-l (plan 0)", "custom+t (plan 1)", "custom (plan 1)"}
+    plan = rows["alloc-l (plan 0)"]
+    assert plan["kld_mean"] > 0 and plan["activations_per_token"] == 4 and plan["counts"] == [1, 2, 1]
+    assert all(math.isfinite(r["ppl"]) and r["ppl_se"] > 0 and r["n_tokens"] == 3 * (CTX // 2 - 1)
+               for r in result["results"])
+    # a uniform plan [2, 2, 2] equals the stock override k=2 (uniform k=2 is among the configurations)
+    assert rows["custom (plan 1)"]["ppl"] == rows["uniform k=2"]["ppl"]
+    assert result["chunks"] == 3 and result["ctx"] == CTX and result["text"]["n_tokens"] >= 3 * CTX
+    assert result["runtime"]["patched"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_eval_cli_json_and_errors(patched_runtime, eval_model, tmp_path):
+    path, text = eval_model
+    run = lambda *a: subprocess.run([sys.executable, "-m", "allocmoe_edge", "eval", *map(str, a)],
+                                    capture_output=True, text=True, timeout=600)
+    out = run(path, "--text", text, "--ctx", CTX, "--chunks", 2, "--budgets", "0.67", "-t", 2,
+              "--json", tmp_path / "q.json")
+    assert out.returncode == 0, out.stderr
+    assert "| config |" in out.stdout and "| full |" in out.stdout
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert set(doc) >= {"model", "text", "ctx", "chunks", "results", "runtime"}
+    assert set(doc["text"]) >= {"path", "sha256", "n_tokens"}
+    assert [r["name"] for r in doc["results"]] == ["full", "custom+t (plan 1)", "custom (plan 1)", "uniform k=2"]
+    assert set(doc["results"][0]) >= {"name", "method", "budget", "alloc_t", "activations_per_token", "ppl",
+                                      "ppl_se", "kld_mean", "kld_se", "kld_p99", "top1", "rms_dp"}
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    out = run(path, "--text", short, "--ctx", CTX)
+    assert out.returncode == 2 and f"needs at least {CTX}" in out.stderr and "Traceback" not in out.stderr
+    out = run(_synthetic_copy(path, tmp_path / "syn.gguf"), "--text", text, "--ctx", CTX)
+    assert out.returncode == 2 and "synthetic" in out.stderr
+
+
+# ---------------------------------------------------------------- torch backend
+
+@pytest.mark.slow
+def test_evaluate_torch_plans_rows(tmp_path):
+    pytest.importorskip("torch")
+    from allocmoe_edge.evaluate import evaluate_torch_plans
+    from allocmoe_edge.hf import model_identity
+    from allocmoe_edge.plan import Budget, Plan
+
+    from .tiny_models import make_tiny_model, save_tiny_model
+
+    model_dir = save_tiny_model("mixtral", tmp_path / "hf", seed=0)
+    ident = model_identity(make_tiny_model("mixtral", seed=0))
+    counts = [1] + [ident.k_orig] * (len(ident.moe_layers) - 1)
+    plan = Plan(model=ident, budget=Budget.parse(sum(counts), ident), method="alloc-l", counts=tuple(counts))
+    plan.save(tmp_path / "plan.json")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the cat sat on a mat"] * 40))
+    result = evaluate_torch_plans(model_dir, text, [tmp_path / "plan.json"], ctx=16, chunks=2)
+    json.dumps(result)
+    names = [r["name"] for r in result["results"]]
+    assert names[:3] == ["full", "alloc-l+t (plan 0)", "alloc-l (plan 0)"] and names[3].startswith("uniform k=")
+    full, plan_row = result["results"][0], result["results"][2]
+    assert full["kld_mean"] == 0.0 and full["top1"] == 1.0 and full["activations_per_token"] == ident.full_budget
+    assert plan_row["activations_per_token"] == sum(counts) and plan_row["kld_mean"] > 0
+    assert result["chunks"] == 2 and "| full |" in markdown_table(result)
