@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -128,6 +129,64 @@ def test_markdown_table_delta_ppl():
     lines = table.splitlines()
     assert len(lines) == 4 and "| 10.0000 ± 0.1000 | +0.00 |" in lines[2]
     assert "| +10.00 |" in lines[3] and "| 90.00 |" in lines[3]
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: logits depend on the tokens and, off full budget, on the choice."""
+
+    V = 16
+
+    def __init__(self, choice: LoadChoice, calls: list, n_ctx: int, **kw) -> None:
+        assert kw["n_batch"] == kw["n_ubatch"] == n_ctx and kw["logits_all"]
+        self.choice, self.calls = choice, calls
+        self.scores = np.zeros((n_ctx, self.V), dtype=np.float32)
+        self._model = SimpleNamespace(add_bos_token=lambda: True)
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        return [1] * add_bos + [2 + b % (self.V - 2) for b in text]
+
+    def token_bos(self) -> int:
+        return 1
+
+    def n_vocab(self) -> int:
+        return self.V
+
+    def reset(self) -> None:
+        pass
+
+    def eval(self, tokens: list[int]) -> None:
+        self.calls.append((self.choice, list(tokens)))
+        shift = 0.0 if self.choice.full_budget else 0.3 + (self.choice.uniform_k or 0) + (self.choice.token_k_max or 0)
+        self.scores[: len(tokens)] = np.sin(np.outer(tokens, np.arange(self.V)) * 0.7 + shift)
+
+    def close(self) -> None:
+        pass
+
+
+def test_evaluate_llama_protocol_with_fake_runtime(tmp_path, monkeypatch):
+    from allocmoe_edge import runtime
+
+    src = write_fake_moe(tmp_path / "m.gguf", n_layer=3, n_expert=4, k=2)
+    path = stamp(src, tmp_path / "s.gguf", [plan_for_counts(read_info(src), [1, 2, 1], method="alloc-l")],
+                 k_max=2).path
+    calls: list = []
+    monkeypatch.setattr(runtime, "load", lambda p, choice, **kw: FakeLlama(choice, calls, **kw))
+    monkeypatch.setattr(runtime, "layer_counts", lambda llm: [2, 2, 2] if llm.choice.plan_index is None else [1, 2, 1])
+    monkeypatch.setattr(runtime, "doctor", lambda: {"patched": True})
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 5)  # 50 bytes -> 51 tokens with BOS: 3 chunks of 16
+    result = evaluate_llama(path, text, ctx=16, budgets=[0.67])
+    assert [r["name"] for r in result["results"]] == ["full", "alloc-l+t (plan 0)", "alloc-l (plan 0)", "uniform k=1"]
+    assert len(calls) == 4 * 3 and all(len(tokens) == 16 and tokens[0] == 1 for _, tokens in calls)
+    assert [tokens[1] for _, tokens in calls[:3]] == [2 + ord(c) % 14 for c in "agc"]  # text[0], text[16], text[32]
+    full, plan = result["results"][0], result["results"][2]
+    assert (full["kld_mean"], full["kld_p99"], full["top1"], full["rms_dp"]) == (0.0, 0.0, 1.0, 0.0)
+    assert full["budget"] == 1.0 and plan["budget"] == pytest.approx(4 / 6) and plan["counts"] == [1, 2, 1]
+    assert plan["kld_mean"] > 0 and plan["n_tokens"] == 3 * 7
+    assert result["text"]["n_tokens"] == 51 and result["chunks"] == 3 and result["scored_per_chunk"] == 7
+    json.dumps(result)
+    with pytest.raises(AllocMoeError, match="needs at least 64"):
+        evaluate_llama(path, text, ctx=64)
 
 
 # ---------------------------------------------------------------- with the patched runtime
