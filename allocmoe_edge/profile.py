@@ -32,11 +32,10 @@ MODES = ("isolated", "deeper-top1")
 
 @dataclass
 class WindowCache:
-    """What one full-budget pass over a window leaves behind."""
+    """What one full-budget pass over a window leaves behind (hidden states kept on the CPU)."""
 
-    inputs: dict[int, tuple[torch.Tensor, dict[str, Any]]]  # block -> (hidden states on CPU, layer kwargs)
-    final: torch.Tensor  # hidden states entering the final norm, on CPU
-    logits: torch.Tensor  # full-budget logits [ctx, V]
+    inputs: dict[int, tuple[torch.Tensor, torch.device, dict[str, Any]]]  # block -> (hidden, its device, kwargs)
+    final: tuple[torch.Tensor, torch.device]  # hidden states entering the final norm
 
 
 def _final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
@@ -62,38 +61,48 @@ class CachedModel:
         self.lm_head = model.get_output_embeddings()
         self.device = input_device(model)
 
-    def full_pass(self, ids: torch.Tensor) -> WindowCache:
-        """Run the full-budget model on ``ids [1, ctx]`` and cache each MoE block's input."""
-        blocks = {layer.index for layer in self.info.layers}
-        inputs: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-        final: list[torch.Tensor] = []
+    def full_pass(self, ids: torch.Tensor) -> tuple[WindowCache, torch.Tensor]:
+        """Run the full-budget model on ``ids [1, ctx]``; cache each MoE block's input; return the logits too."""
+        blocks = sorted(layer.index for layer in self.info.layers)
+        inputs: dict[int, tuple[torch.Tensor, torch.device, dict[str, Any]]] = {}
+        final: list[tuple[torch.Tensor, torch.device]] = []
 
         def layer_hook(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                inputs[index] = (hidden.detach().cpu(), rest)
+                inputs[index] = (hidden.detach().cpu(), hidden.device, rest)
 
             return hook
 
-        handles = [
-            self.layers[b].register_forward_pre_hook(layer_hook(b), with_kwargs=True) for b in sorted(blocks)
-        ]
-        handles.append(self.norm.register_forward_pre_hook(lambda m, args: final.append(args[0].detach().cpu())))
+        handles = [self.layers[b].register_forward_pre_hook(layer_hook(b), with_kwargs=True) for b in blocks]
+        handles.append(
+            self.norm.register_forward_pre_hook(lambda m, args: final.append((args[0].detach().cpu(), args[0].device)))
+        )
         try:
             logits = self.model(ids.to(self.device), use_cache=False).logits[0]
         finally:
             for handle in handles:
                 handle.remove()
-        return WindowCache(inputs=inputs, final=final[0], logits=logits.detach().cpu())
+        return WindowCache(inputs=inputs, final=final[0]), logits
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[ctx, V]`` from the hidden states entering the final norm."""
+        return self.lm_head(self.norm(hidden))[0]
+
+    def reference(self, cache: WindowCache) -> torch.Tensor:
+        """The full-budget logits of a cached window, recomputed (cheaper than keeping [ctx, V] per window)."""
+        hidden, device = cache.final
+        return self.head(hidden.to(device))
 
     def run_from(self, cache: WindowCache, block: int) -> torch.Tensor:
         """Logits ``[ctx, V]`` from re-running blocks ``block..L-1`` on the cached input of ``block``."""
-        hidden, kwargs = cache.inputs[block]
+        hidden, device, kwargs = cache.inputs[block]
+        hidden = hidden.to(device)
         for layer in self.layers[block:]:
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.lm_head(self.norm(hidden))[0]
+        return self.head(hidden)
 
 
 def profile_layers(
@@ -129,8 +138,9 @@ def profile_layers(
         caches = []
         full = Quality()
         for window in windows:
-            caches.append(cm.full_pass(window.unsqueeze(0)))
-            full.add(caches[-1].logits[:-1], window[1:])
+            cache, logits = cm.full_pass(window.unsqueeze(0))
+            caches.append(cache)
+            full.add(logits[:-1], window[1:].to(logits.device))
             forwards += n_layer
             if on_progress:
                 on_progress(n_layer)
@@ -140,11 +150,12 @@ def profile_layers(
             deeper = {b: 1 for b in blocks if b > block} if mode == "deeper-top1" else {}
             ks = range(1, k_orig + (0 if mode == "isolated" else 1))  # isolated k_orig is the full model
             for window, cache in zip(windows, caches):
-                reference = cache.logits[:-1]
+                reference = cm.reference(cache)[:-1]
+                targets = window[1:].to(reference.device)
                 for k in ks:
                     with layer_topk(model, {**deeper, block: k}):
-                        logits = cm.run_from(cache, block)[:-1].cpu()
-                    scores[k - 1].add(logits, window[1:], reference)
+                        logits = cm.run_from(cache, block)[:-1]
+                    scores[k - 1].add(logits, targets.to(logits.device), reference.to(logits.device))
                 forwards += (n_layer - block) * len(ks)
                 if on_progress:
                     on_progress((n_layer - block) * len(ks))

@@ -168,3 +168,22 @@ def test_parse_max_memory():
     assert parse_max_memory("2GiB")["cpu"] == "2GiB"
     with pytest.raises(AllocMoeError):
         parse_max_memory("gpu=1GiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch,dtype", [("mixtral", torch.float32), ("deepseek_v3", torch.bfloat16)])
+def test_cuda_routing(arch, dtype):
+    m = make_tiny_model(arch, seed=0).to("cuda", dtype)
+    info = moe_info(m)
+    n, k = len(info.layers), info.k_orig
+    x = ids(2, 9).cuda()
+    ref = logits(m, x)
+    with token_alloc(m, [k] * n):
+        assert torch.equal(logits(m, x), ref)
+    with layer_topk(m, [1, 2, 1]):
+        topk_single = logits(m, x[:1, :1])
+    with token_alloc(m, [1, 2, 1]) as counter:
+        torch.testing.assert_close(logits(m, x[:1, :1]), topk_single)
+        assert torch.isfinite(logits(m, x)).all()
+    assert counter.per_token() == dict(zip(EXPECTED[arch][1], [1.0, 2.0, 1.0]))

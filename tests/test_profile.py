@@ -40,15 +40,15 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_model("deepseek_v3", root / "model", seed=0), calib
 
 
-@pytest.mark.parametrize("arch,mode", [("mixtral", "isolated"), ("deepseek_v2", "deeper-top1"), ("qwen2_moe", "isolated")])
-def test_cached_path_matches_full_forwards(arch, mode):
-    m, w = model(arch), windows()
+def _check_cached_path(m: torch.nn.Module, w: torch.Tensor, mode: str) -> None:
+    """profile_layers (cached block inputs) gives the numbers of full forwards with the same counts."""
     info = moe_info(m)
     full, layers, cost = profile_layers(m, w, mode)
     blocks = [layer.index for layer in info.layers]
     assert [e["layer"] for e in layers] == blocks
     assert cost["layer_forwards"] == planned_forwards(info.n_layer, blocks, info.k_orig, len(w), mode)
     with torch.no_grad():
+        w = w.to(m.device)
         reference = [m(x[None], use_cache=False).logits[0, :-1] for x in w]
         base = Quality()
         for x, ref in zip(w, reference):
@@ -67,6 +67,17 @@ def test_cached_path_matches_full_forwards(arch, mode):
                 assert entry["kld"][k - 1] == pytest.approx(got["kld"], rel=1e-4, abs=1e-9), (b, k)
     if mode == "isolated":
         assert all(e["kld"][-1] == 0.0 for e in layers)
+
+
+@pytest.mark.parametrize("arch,mode", [("mixtral", "isolated"), ("deepseek_v2", "deeper-top1"), ("qwen2_moe", "isolated")])
+def test_cached_path_matches_full_forwards(arch, mode):
+    _check_cached_path(model(arch), windows(), mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cached_path_on_cuda():
+    _check_cached_path(make_tiny_model("deepseek_v3", seed=0).cuda(), windows(), "isolated")
 
 
 def test_profile_writes_resumes_and_reports_cost(saved, tmp_path):
