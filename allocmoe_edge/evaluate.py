@@ -115,7 +115,7 @@ def chunk_tokens(tokens: Sequence[int], ctx: int, chunks: int | None = None, bos
                             "use a longer text or a smaller --ctx")
     if chunks is not None:
         n = min(n, chunks)
-    out = np.asarray(tokens[: n * ctx], dtype=np.int32).reshape(n, ctx)
+    out = np.array(tokens[: n * ctx], dtype=np.int32).reshape(n, ctx)
     if bos is not None:
         out[:, 0] = bos
     return out
