@@ -10,20 +10,26 @@ from allocmoe_edge.hf import layer_topk, model_identity, moe_info, parse_max_mem
 from allocmoe_edge.token_alloc import select
 from .tiny_models import ARCHS, make_tiny_model
 
-# arch -> (n_layer, moe_layers, n_expert, k_orig, score, renormalise, scaling, groups, shared experts)
+# tiny models under test: name -> (architecture, config overrides)
+VARIANTS = {arch: (arch, {}) for arch in ARCHS}
+VARIANTS["deepseek_v2_grouped"] = ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1})
+
+# name -> (n_layer, moe_layers, n_expert, k_orig, score, renormalise, scaling, groups, shared experts)
 EXPECTED = {
     "mixtral": (3, (0, 1, 2), 6, 3, "softmax", True, 1.0, None, False),
     "qwen2_moe": (3, (0, 1, 2), 8, 3, "softmax", False, 1.0, None, True),
     "qwen3_moe": (3, (0, 1, 2), 8, 2, "softmax", True, 1.0, None, False),
     "olmoe": (3, (0, 1, 2), 8, 2, "softmax", False, 1.0, None, False),
-    "deepseek_v2": (4, (1, 2, 3), 8, 3, "softmax", False, 1.5, (2, 1), True),
+    "deepseek_v2": (4, (1, 2, 3), 8, 3, "softmax", False, 1.5, None, True),
+    "deepseek_v2_grouped": (4, (1, 2, 3), 8, 3, "softmax", False, 1.5, (2, 1), True),
     "deepseek_v3": (4, (1, 2, 3), 8, 3, "sigmoid", True, 2.5, (2, 1), True),
 }
 
 
 @lru_cache(maxsize=None)
-def model(arch: str) -> torch.nn.Module:
-    return make_tiny_model(arch, seed=0)
+def model(name: str) -> torch.nn.Module:
+    arch, overrides = VARIANTS[name]
+    return make_tiny_model(arch, seed=0, **overrides)
 
 
 def ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -35,19 +41,19 @@ def logits(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x, use_cache=False).logits
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_identity_and_routing(arch):
     n_layer, moe_layers, n_expert, k_orig, score, renorm, scaling, groups, shared = EXPECTED[arch]
     info = moe_info(model(arch))
     assert model_identity(model(arch)).to_dict() == {
-        "architecture": arch, "n_layer": n_layer, "moe_layers": list(moe_layers), "n_expert": n_expert, "k_orig": k_orig,
+        "architecture": VARIANTS[arch][0], "n_layer": n_layer, "moe_layers": list(moe_layers), "n_expert": n_expert, "k_orig": k_orig,
     }
     r = info.routing
     assert (r.score, r.renormalise, r.scaling, info.shared_experts) == (score, renorm, scaling, shared)
     assert (None if r.n_group is None else (r.n_group, r.topk_group)) == groups
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_full_counts_give_identical_logits(arch):
     m, x = model(arch), ids(2, 10)
     info = moe_info(m)
@@ -59,7 +65,7 @@ def test_full_counts_give_identical_logits(arch):
         assert counter.per_token() == {b: float(info.k_orig) for b in EXPECTED[arch][1]}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_single_token_alloc_t_is_topk_and_counts_spent(arch):
     m = model(arch)
     info = moe_info(m)
@@ -74,7 +80,7 @@ def test_single_token_alloc_t_is_topk_and_counts_spent(arch):
     assert counter.per_token() == {b: float(k) for b, k in zip(EXPECTED[arch][1], counts)}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_k_max_equal_counts_is_layer_topk(arch):
     m = model(arch)
     k = max(1, moe_info(m).k_orig - 1)
@@ -92,7 +98,7 @@ def _selection_scores(arch: str, router: torch.nn.Module, router_logits: torch.T
     return router_logits.float().softmax(dim=-1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_alloc_t_router_matches_reference(arch):
     m = model(arch)
     info = moe_info(m)
@@ -147,7 +153,7 @@ def test_bad_counts_raise():
         with token_alloc(m, [3, 3, 3], k_max=2):
             pass
     with pytest.raises(AllocMoeError, match="not MoE layers"):
-        with layer_topk(model("deepseek_v2"), {0: 1}):
+        with layer_topk(model("deepseek_v3"), {0: 1}):
             pass
     with pytest.raises(AllocMoeError, match="can select"):  # group limit: 1 of 2 groups of 4 experts
         with token_alloc(model("deepseek_v3"), [3, 3, 3], k_max=5):

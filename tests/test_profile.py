@@ -88,15 +88,17 @@ def test_profile_writes_resumes_and_reports_cost(saved, tmp_path):
     assert set(fresh) >= {"model", "calibration", "mode", "full", "layers", "cost"}
     assert fresh["calibration"]["n_tokens"] == 128 and fresh["calibration"]["ctx"] == 32
     assert [len(e["ppl"]) for e in fresh["layers"]] == [3, 3, 3]
-    per_window = {"full": 4, "layer1": 2 * 3}  # 4 blocks; isolated k=1..2 re-runs blocks 1..3
-    assert fresh["cost"]["layer_forwards"] == 4 * (per_window["full"] + 2 * (3 + 2 + 1))
+    # per window of the 4: one full pass (4 blocks), then k=1..2 (k=3 is the full model) re-runs
+    # blocks b..3 for MoE blocks b = 1, 2, 3
+    full_pass, block1 = 4, 2 * 3
+    assert fresh["cost"]["layer_forwards"] == 4 * (full_pass + 2 * (3 + 2 + 1))
     assert fresh["cost"]["seconds"] > 0
 
     seen = []
 
     def interrupt_after_first_layer(n: int) -> None:
         seen.append(n)
-        if sum(seen) > 4 * (per_window["full"] + per_window["layer1"]):
+        if sum(seen) > 4 * (full_pass + block1):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -106,7 +108,7 @@ def test_profile_writes_resumes_and_reports_cost(saved, tmp_path):
 
     remaining = []
     resumed = run_profile(model_dir, calib, out, ctx=32, max_tokens=128, on_start=remaining.append)
-    assert remaining == [4 * (per_window["full"] + 2 * (2 + 1))]
+    assert remaining == [4 * (full_pass + 2 * (2 + 1))]
     assert resumed["complete"] and resumed["layers"] == fresh["layers"] and resumed["full"] == fresh["full"]
     assert resumed["cost"]["layer_forwards"] > fresh["cost"]["layer_forwards"]  # the interrupted work counts
 
@@ -120,8 +122,8 @@ def test_profile_writes_resumes_and_reports_cost(saved, tmp_path):
 def test_memory_capped_loading_offloads_to_disk(saved, tmp_path):
     model_dir, _ = saved
     plain, _ = load_model(model_dir)
-    capped, _ = load_model(model_dir, max_memory="cpu=200KB", offload_folder=tmp_path / "offload")
-    assert "disk" in set(capped.hf_device_map.values())
+    capped, _ = load_model(model_dir, max_memory="cpu=700KB", offload_folder=tmp_path / "offload")
+    assert set(capped.hf_device_map.values()) == {"cpu", "disk"}  # the ~1.1 MB model is split
     assert any((tmp_path / "offload").iterdir())
     w = windows(1, 12)
     assert profile_layers(capped, w)[:2] == profile_layers(plain, w)[:2]
@@ -144,7 +146,7 @@ def test_evaluate_torch(saved):
     assert result["plans"]["uniform-2"]["kld"] > 0
 
 
-def _plan(counts, fraction=None, alloc_t=False) -> Plan:
+def _plan(counts, alloc_t=False) -> Plan:
     ident = model_identity(model("deepseek_v3"))
     budget = Budget.parse(sum(counts), ident)
     return Plan(model=ident, budget=budget, method="alloc-l", counts=tuple(counts), token_k_max=None if alloc_t else 0,

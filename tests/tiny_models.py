@@ -36,11 +36,10 @@ _DEEPSEEK: dict[str, Any] = dict(
     n_shared_experts=1,
     first_k_dense_replace=1,
     kv_lora_rank=16,
+    q_lora_rank=32,  # llama.cpp takes only 26/27-layer DeepSeek-V2 models for Lite (no q_lora)
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     v_head_dim=16,
-    n_group=2,
-    topk_group=1,
 )
 _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", dict(num_hidden_layers=3, intermediate_size=32, num_local_experts=6,
@@ -51,14 +50,17 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=3, head_dim=16, intermediate_size=64,
                                          moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                          norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=3, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                                  norm_topk_prob=False)),
-    # group-limited greedy softmax routing, no renormalisation (as in DeepSeek-V2 in transformers)
-    "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy",
-                                             norm_topk_prob=False, routed_scaling_factor=1.5)),
-    # sigmoid scores with selection bias, group-limited, renormalised and scaled
-    "deepseek_v3": ("DeepseekV3Config", dict(_DEEPSEEK, q_lora_rank=32, norm_topk_prob=True,
-                                             routed_scaling_factor=2.5)),
+    # llama.cpp's OLMoE graph normalises K over all heads, so no GQA here (as in the real model)
+    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=32, num_experts=8,
+                                  num_experts_per_tok=2, norm_topk_prob=False)),
+    # greedy softmax routing, scaled, not renormalised (the routing of DeepSeek-V2-Lite)
+    "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, topk_method="greedy", n_group=1,
+                                             topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5)),
+    # sigmoid scores with selection bias, group-limited (top-2 sum), renormalised and scaled; the
+    # scoring_func / topk_method keys of the real config.json tell llama.cpp's converter "sigmoid"
+    "deepseek_v3": ("DeepseekV3Config", dict(_DEEPSEEK, n_group=2, topk_group=1, norm_topk_prob=True,
+                                             routed_scaling_factor=2.5, scoring_func="sigmoid",
+                                             topk_method="noaux_tc")),
 }
 
 DEFAULT_VOCAB = 320
@@ -68,9 +70,10 @@ _TRAIN_TEXT = (
 ) * 4
 
 
-def make_tiny_model(arch: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB) -> torch.nn.Module:
+def make_tiny_model(arch: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB, **overrides: Any) -> torch.nn.Module:
     """A seeded random causal LM of architecture ``arch`` (one of ``ARCHS``), float32, in eval mode.
 
+    ``overrides`` replace entries of the tiny config (e.g. ``topk_method="group_limited_greedy"``).
     Router weights are drawn with a larger scale than the default init (and DeepSeek-V3's
     selection bias is random) so that routing is decisive and free of ties.
     """
@@ -79,7 +82,7 @@ def make_tiny_model(arch: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB) -
     if arch not in _CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHS)}")
     config_cls, kwargs = _CONFIGS[arch]
-    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **{**_COMMON, **kwargs})
+    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **{**_COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
