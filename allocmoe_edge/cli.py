@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "refine": ("refine", "Measure a plan end to end and refine it by local search (torch)."),
     "stamp": ("stamp", "Write per-layer expert counts into a copy of a GGUF."),
     "run": ("run", "Generate text from a (budgeted) GGUF."),
+    "synth": ("synth", "Write a weightless GGUF with a real MoE model's shapes (speed tests)."),
 }
 
 
