@@ -17,11 +17,13 @@ from . import __version__
 # name -> (module under allocmoe_edge.commands, one-line help shown by `allocmoe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "allocate": ("allocate", "Choose per-layer expert counts for a budget (Alloc-L DP)."),
+    "bench": ("bench", "Measure pp/tg tokens/s at full budget, stored plans and uniform top-k."),
     "build-runtime": ("build_runtime", "Build and install the patched llama-cpp-python."),
     "convert": ("convert", "Convert a Hugging Face checkpoint to one GGUF holding budget plans."),
     "doctor": ("doctor", "Report the installed llama_cpp and whether it is patched."),
     "eval": ("eval", "Perplexity, KL divergence and top-1 agreement of every budget configuration."),
     "inspect": ("inspect", "Show a GGUF's MoE shape and its allocmoe plans."),
+    "plot": ("plot", "Draw the quality-vs-speed frontier from eval and bench JSON."),
     "profile": ("profile", "Measure layer sensitivities S[l, k] of a Hugging Face MoE model (torch)."),
     "refine": ("refine", "Measure a plan end to end and refine it by local search (torch)."),
     "stamp": ("stamp", "Write per-layer expert counts into a copy of a GGUF."),

@@ -146,20 +146,20 @@ def profile_layers(
                 on_progress(n_layer)
         full_result = full.result()
         for block in (b for b in blocks if b not in skip):
-            scores = [Quality() for _ in range(k_orig)]
             deeper = {b: 1 for b in blocks if b > block} if mode == "deeper-top1" else {}
             ks = range(1, k_orig + (0 if mode == "isolated" else 1))  # isolated k_orig is the full model
+            scores = {k: Quality() for k in ks}
             for window, cache in zip(windows, caches):
                 reference = cm.reference(cache)[:-1]
                 targets = window[1:].to(reference.device)
                 for k in ks:
                     with layer_topk(model, {**deeper, block: k}):
                         logits = cm.run_from(cache, block)[:-1]
-                    scores[k - 1].add(logits, targets.to(logits.device), reference.to(logits.device))
+                    scores[k].add(logits, targets.to(logits.device), reference.to(logits.device))
                 forwards += (n_layer - block) * len(ks)
                 if on_progress:
                     on_progress((n_layer - block) * len(ks))
-            results = [s.result() for s in scores[: len(ks)]]
+            results = [scores[k].result() for k in ks]
             if len(ks) < k_orig:
                 results.append({"ppl": full_result["ppl"], "kld": 0.0})
             entry = {"layer": block, "ppl": [r["ppl"] for r in results], "kld": [r["kld"] for r in results]}

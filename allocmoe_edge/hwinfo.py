@@ -1,0 +1,51 @@
+"""Where a measurement ran: repository commit, CPU model, GPU name, llama.cpp backend."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+_GPU_BACKENDS = ("CUDA", "ROCm", "HIP", "Metal", "Vulkan", "SYCL", "OpenCL")
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of this repository (suffixed "-dirty" with uncommitted changes), if any."""
+    head = _run(["git", "rev-parse", "HEAD"], REPO)
+    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO):
+        head += "-dirty"
+    return head
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def gpu_names() -> list[str]:
+    """GPU names reported by nvidia-smi (empty without one)."""
+    out = _run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"])
+    return [line.strip() for line in out.splitlines() if line.strip()] if out else []
+
+
+def backend(report: dict[str, Any]) -> str:
+    """"CPU", or the GPU backend ("CUDA", ...) that `runtime.doctor()`'s library offloads to."""
+    if report.get("gpu_offload"):
+        info = report.get("system_info", "")
+        return next((b for b in _GPU_BACKENDS if b in info), "GPU")
+    return "CPU"
