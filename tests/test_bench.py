@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +19,8 @@ from allocmoe_edge.gguf_meta import read_info
 from allocmoe_edge.synth import is_synthetic, synthesize
 
 from .ggufs import write_fake_moe
+
+GPU_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.sh"
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +94,15 @@ def test_tiny_bench_has_all_rows(patched_runtime, olmoe_1layer, tmp_path):
     assert result["rows"][0]["decode_limit"] == 1.0 and result["rows"][-1]["decode_limit"] > 1.5
     assert "| olmoe1.gguf | 0.50 (4) | uniform |" in res.output
 
+
+def test_gpu_script_parses():
+    assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_script_synth_step_on_cpu(tmp_path):
+    env = {**os.environ, "STEPS": "synth", "LAYERS": "2", "PYTHON": sys.executable, "WORK": str(tmp_path / "work")}
+    out = subprocess.run(["bash", str(GPU_SCRIPT), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    info = read_info(tmp_path / "work" / "dsv2lite-synth-q4_0-2l.uniform-split.gguf")
+    assert info.architecture == "deepseek2" and [p.budget_count for p in info.plans] == [4, 3, 1]  # of 6
