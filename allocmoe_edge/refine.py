@@ -35,6 +35,11 @@ def _moves(counts: Sequence[int], lo: int, hi: int, rng: random.Random) -> list[
     return moves
 
 
+def _quality(result: dict[str, Any]) -> dict[str, Any]:
+    """A measured plan's quality fields (without its counts and mode)."""
+    return {key: value for key, value in result.items() if key not in ("counts", "alloc_t")}
+
+
 def refine_plan(
     model: torch.nn.Module,
     windows: torch.Tensor,
@@ -88,14 +93,14 @@ def refine_plan(
         if on_step:
             on_step(counts, result[metric], better)
     measured = {
-        **{key: value for key, value in best.items() if key not in ("counts", "alloc_t")},
+        **_quality(best),
         "full": full,
         "metric": metric,
         "initial": {
             "method": plan.method,
             "counts": list(plan.counts),
             "predicted": plan.predicted,
-            "measured": {key: value for key, value in initial.items() if key not in ("counts", "alloc_t")},
+            "measured": _quality(initial),
         },
         "moves": accepted,
         "evaluations": 1 + tried,
