@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of this repository (suffixed "-dirty" with uncommitted changes), if any."""
+    """``git rev-parse HEAD`` of this repository (suffixed "-dirty" with uncommitted changes); in a copy
+    without .git (a benchmark machine), ``$ALLOCMOE_COMMIT`` as set by whoever copied it."""
     head = _run(["git", "rev-parse", "HEAD"], REPO)
     if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO):
         head += "-dirty"
-    return head
+    return head or os.environ.get("ALLOCMOE_COMMIT")
 
 
 def cpu_model() -> str | None:

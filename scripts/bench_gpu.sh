@@ -15,6 +15,7 @@
 #               points at this build
 # optional:
 #   CUDA_ARCH=90  JOBS=$(nproc)  REPS=3  PYTHON=python3
+#   ALLOCMOE_COMMIT   the commit of this tree, recorded in the JSON when the copy has no .git
 #   CUDA_FA=OFF   ON also compiles the flash-attention kernels (slower build; bench runs FA off)
 #   WORK=/tmp/allocmoe-gpu   build tree and model files (kept out of OUTDIR, which is copied back)
 #   LAYERS        truncate the synthetic model (quick checks); default: all 27 blocks
