@@ -17,7 +17,8 @@ def llama_logits(path: Path, tokens: Sequence[int], choice=None, **kw) -> np.nda
     """All-position logits from llama.cpp for ``tokens`` evaluated as one ubatch."""
     from allocmoe_edge.runtime import load
 
-    llm = load(path, choice, logits_all=True, n_ctx=max(64, len(tokens)), n_batch=512, n_threads=2, **kw)
+    llm = load(path, choice, logits_all=True, n_ctx=max(64, len(tokens)), n_batch=512, n_threads=2,
+               type_k=0, type_v=0, **kw)  # f32 KV cache, as transformers computes attention in f32
     llm.eval(list(tokens))
     out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()

@@ -1,0 +1,85 @@
+"""Alloc-T in llama.cpp (patch 0002) against the torch reference (hf.token_alloc) on the same
+token group (one ubatch): logits, executed activations per layer, per-token counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+from allocmoe_edge.graph_probe import moe_activations
+from allocmoe_edge.runtime import LoadChoice, load
+
+from .llama_logits import tokens_for, torch_logits
+
+pytestmark = [pytest.mark.slow, pytest.mark.runtime]
+
+RTOL = 1e-4  # as in test_runtime: f32 both sides, observed ~1e-6
+# arch -> (per-MoE-layer counts, k_max); k_max may exceed the original top-k (bounded by n_expert)
+CASES = {
+    "mixtral": ([2, 1, 2], 3),
+    "qwen2_moe": ([2, 1, 2], 3),
+    "qwen3_moe": ([2, 1, 2], 4),
+    "olmoe": ([1, 2, 2], 4),
+    "deepseek_v3": ([2, 1, 2], 3),
+}
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(1e-6, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_alloc_t_matches_torch_reference(patched_runtime, tiny_gguf, tmp_path, arch):
+    hf_dir, path = tiny_gguf(arch)
+    counts, k_max = CASES[arch]
+    info = read_info(path)
+    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, counts)], k_min=1, k_max=k_max)
+    tokens = tokens_for(50000, n=32)
+    acts, got = moe_activations(load(tmp_path / "t.gguf"), tokens)
+    ref = torch_logits(hf_dir, tokens, counts, alloc_t={"k_min": 1, "k_max": k_max})
+    assert _rel(got, ref) < RTOL, f"{arch}: llama.cpp Alloc-T vs torch reference {_rel(got, ref):.2e}"
+    # Alloc-T really redistributes here: plain per-layer top-k gives different logits
+    assert _rel(torch_logits(hf_dir, tokens, counts), ref) > 100 * RTOL
+    T = len(tokens)
+    assert sorted(acts) == info.moe_layers
+    for (layer, a), k in zip(sorted(acts.items()), counts):
+        assert a["pairs"] == T * k, (layer, a["pairs"], T * k)  # exactly T x k_l activations executed
+        assert a["per_token"] is not None and sum(a["per_token"]) == T * k
+        assert all(1 <= c <= k_max for c in a["per_token"]), a["per_token"]
+
+
+def test_k_max_equal_to_counts_is_plain_top_k_bitwise(patched_runtime, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [2, 2, 2])], k_min=1, k_max=2)
+    tokens = tokens_for(50000, n=16)
+    acts_t, with_t = moe_activations(load(tmp_path / "t.gguf"), tokens)
+    acts_0, without = moe_activations(load(tmp_path / "t.gguf", LoadChoice(token_k_max=0)), tokens)
+    assert np.array_equal(with_t, without)
+    assert all(a["per_token"] is None for a in acts_t.values())  # no Alloc-T nodes in the graph
+
+
+def test_alloc_t_off_override_and_single_token(patched_runtime, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [2, 1, 2])], k_min=1, k_max=3)
+    tokens = tokens_for(50000, n=16)
+    # token_k_max=0 turns Alloc-T off: plain per-layer top-k
+    acts, _ = moe_activations(load(tmp_path / "t.gguf", LoadChoice(token_k_max=0)), tokens)
+    assert [a["per_token"] for a in acts.values()] == [None] * 3
+    # T = 1 (single-stream decode) is exactly top-k_l, with no extra nodes
+    acts1, _ = moe_activations(load(tmp_path / "t.gguf"), tokens[:1])
+    assert [(a["pairs"], a["per_token"]) for a in acts1.values()] == [(2, None), (1, None), (2, None)]
+
+
+def test_k_min_protects_each_tokens_best(patched_runtime, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [3, 2, 3])], k_min=2, k_max=4)
+    tokens = tokens_for(50000, n=20)
+    acts, _ = moe_activations(load(tmp_path / "t.gguf"), tokens)
+    for a, k in zip(acts.values(), [3, 2, 3]):
+        assert a["pairs"] == 20 * k
+        if k > 2:
+            assert min(a["per_token"]) >= 2 and max(a["per_token"]) <= 4
