@@ -223,10 +223,11 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                    progress: Progress | None = None) -> dict[str, Any]:
     """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result."""
     from .runtime import doctor, layer_counts, load
+    from .synth import is_synthetic
 
     info = read_info(model)
-    if info.allocmoe.get("synthetic"):
-        raise AllocMoeError(f"{model} is marked synthetic (allocmoe.synthetic): its weights are random, so "
+    if is_synthetic(info):
+        raise AllocMoeError(f"{model} is synthetic (allocmoe.synthetic or its name): its weights are random, so "
                             "perplexity and KL divergence mean nothing; use it for speed measurements only")
     if not info.moe_layers:
         raise AllocMoeError(f"{model} has no MoE layers; there is no expert budget to evaluate")
