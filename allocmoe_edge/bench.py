@@ -47,7 +47,8 @@ from .runtime import LoadChoice
 FORMAT = "allocmoe-bench"
 VERSION = 1
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
-_LOG_KEEP = re.compile(r"graph splits|graph nodes|CUDA graph|cuda_graph|offloaded|allocmoe", re.IGNORECASE)
+# llama.cpp log lines kept per row: graph nodes / splits, GPU offload, CUDA graphs, the plan loaded
+_LOG_KEEP = re.compile(r"nodes = .*splits = |CUDA graph|offloaded \d|llama_allocmoe|validate_override")
 
 
 @dataclass(frozen=True)

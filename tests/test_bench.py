@@ -91,7 +91,8 @@ def test_tiny_bench_has_all_rows(patched_runtime, olmoe_1layer, tmp_path):
         for key in ("pp", "tg"):
             assert len(row[key]["samples"]) == 2 and all(math.isfinite(x) and x > 0 for x in row[key]["samples"])
         assert math.isfinite(row["speedup_pp"]) and math.isfinite(row["speedup_tg"])
-    assert result["rows"][0]["decode_limit"] == 1.0 and result["rows"][-1]["decode_limit"] > 1.5
+    # one block: the output matrix dominates, so halving the experts saves ~15 % of the bytes
+    assert result["rows"][0]["decode_limit"] == 1.0 and 1.1 < result["rows"][-1]["decode_limit"] < 1.3
     assert "| olmoe1.gguf | 0.50 (4) | uniform |" in res.output
 
 

@@ -79,7 +79,7 @@ def olmoe_q8(tmp_path_factory):
 def test_olmoe_loads_and_decodes(patched_runtime, olmoe_q8):
     from allocmoe_edge.runtime import layer_counts, load
 
-    llm = load(olmoe_q8, n_ctx=64)
+    llm = load(olmoe_q8, n_ctx=64, logits_all=True)
     try:
         assert llm.n_vocab() == 50304 and layer_counts(llm) == [8, 8]
         llm.eval([1, 300, 301, 302])
