@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+
+# ALLOCMOE_TEST_NGL=99 runs the llama.cpp side on the GPU (the device check does this).
+NGL = int(os.environ.get("ALLOCMOE_TEST_NGL", "0"))
+# Relative tolerance of llama.cpp logits against transformers' f32 logits. On the CPU: f32
+# weights, f32 KV cache, no flash attention; the residual is summation order, ~1e-6 of the
+# largest logit. CUDA's f32 matmuls may use TF32 tensor cores (10-bit mantissa), ~1e-3.
+# Either bound is far below what one wrongly chosen expert does here (~1e-1, checked per test).
+RTOL = 1e-4 if NGL == 0 else 1e-2
+
+
+def load_for_test(path: Path, choice=None, **kw):
+    """``runtime.load`` on the CPU, or fully offloaded when ALLOCMOE_TEST_NGL is set."""
+    from allocmoe_edge.runtime import load
+
+    return load(path, choice, n_gpu_layers=NGL, **kw)
 
 
 def tokens_for(vocab: int, n: int = 24, seed: int = 0) -> list[int]:
@@ -15,9 +32,7 @@ def tokens_for(vocab: int, n: int = 24, seed: int = 0) -> list[int]:
 
 def llama_logits(path: Path, tokens: Sequence[int], choice=None, **kw) -> np.ndarray:
     """All-position logits from llama.cpp for ``tokens`` evaluated as one ubatch."""
-    from allocmoe_edge.runtime import load
-
-    llm = load(path, choice, logits_all=True, n_ctx=max(64, len(tokens)), n_batch=512, n_threads=2,
+    llm = load_for_test(path, choice, logits_all=True, n_ctx=max(64, len(tokens)), n_batch=512, n_threads=2,
                type_k=0, type_v=0, **kw)  # f32 KV cache, as transformers computes attention in f32
     llm.eval(list(tokens))
     out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
