@@ -338,7 +338,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
     def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.2f}"
+        return "-" if value is None else f"{100 * value:.3f}"
 
     lines = ["| config | budget | act/token | PPL | ΔPPL % | KLD | KLD p99 | top-1 % | RMS Δp % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

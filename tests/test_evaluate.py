@@ -128,7 +128,7 @@ def test_markdown_table_delta_ppl():
     table = markdown_table({"results": [row, {**row, "name": "uniform k=1", "ppl": 11.0, "top1": 0.9}]})
     lines = table.splitlines()
     assert len(lines) == 4 and "| 10.0000 ± 0.1000 | +0.00 |" in lines[2]
-    assert "| +10.00 |" in lines[3] and "| 90.00 |" in lines[3]
+    assert "| +10.00 |" in lines[3] and "| 90.000 |" in lines[3]
 
 
 class FakeLlama:
