@@ -47,8 +47,9 @@ from .runtime import LoadChoice
 FORMAT = "allocmoe-bench"
 VERSION = 1
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
-# llama.cpp log lines kept per row: graph nodes / splits, GPU offload, CUDA graphs, the plan loaded
-_LOG_KEEP = re.compile(r"nodes = .*splits = |CUDA graph|offloaded \d|llama_allocmoe|validate_override")
+# llama.cpp log lines kept per row (once each): graph nodes / splits, GPU offload, CUDA graphs, the plan
+# loaded and the patch's own messages (such as an Alloc-T fallback)
+_LOG_KEEP = re.compile(r"nodes = .*splits = |CUDA graph|offloaded \d|llama_allocmoe|allocmoe: |validate_override")
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions) -> dict[st
     log = buf.getvalue().splitlines() + "".join(cap.lines).splitlines()
     return {"pp": _stats(pp) if pp else None, "tg": _stats(tg) if tg else None,
             "threads": threads[0], "threads_batch": threads[1],
-            "log": [ln.strip() for ln in log if _LOG_KEEP.search(ln)]}
+            "log": list(dict.fromkeys(ln.strip() for ln in log if _LOG_KEEP.search(ln)))}
 
 
 def _ratio(row: dict[str, Any], base: dict[str, Any], key: str) -> float | None:

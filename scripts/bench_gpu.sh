@@ -95,12 +95,12 @@ if has bench; then
     say "bench"
     "$PY" -m allocmoe_edge bench "$STAMPED" --budgets 1,0.75,0.5,0.25 --reps "${REPS:-3}" -p 512 -n 128 -ngl 99 \
         --json "$JSON" | tee "$OUT/bench.md"
-    # llama.cpp's lines on graph splits, node counts, offload and CUDA graphs, per configuration
+    # llama.cpp's lines on graph nodes/splits, offload, CUDA graphs and Alloc-T, per configuration
     "$PY" - "$JSON" <<'EOF' | tee "$OUT/runtime-log.txt"
 import json, sys
 for row in json.load(open(sys.argv[1]))["rows"]:
     print(f"== {row['name']}")
-    for line in dict.fromkeys(row["log"]):
+    for line in row["log"]:
         print("  " + line)
 EOF
 fi
