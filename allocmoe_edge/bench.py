@@ -192,12 +192,12 @@ def _llama_kwargs(opts: BenchOptions) -> dict[str, Any]:
 
 def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions) -> dict[str, Any]:
     """Load ``path`` as ``choice`` and time it; returns pp / tg stats, threads and the kept log lines."""
-    from .runtime import captured_log, load
+    from .runtime import load
 
     buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):  # load(verbose=True) echoes llama.cpp's log into buf
+    # verbose=True: llama-cpp-python's log callback prints llama.cpp's log through Python's stderr
+    with contextlib.redirect_stderr(buf):
         llm = load(path, choice, verbose=True, **_llama_kwargs(opts))
-    with captured_log() as cap:
         try:
             tokens = np.random.default_rng(opts.seed).integers(0, llm.n_vocab(), max(opts.n_prompt, opts.n_gen))
             run = _Runner(llm, tokens)
@@ -210,7 +210,7 @@ def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions) -> dict[st
             threads = (llm.context_params.n_threads, llm.context_params.n_threads_batch)
         finally:
             llm.close()
-    log = buf.getvalue().splitlines() + "".join(cap.lines).splitlines()
+    log = buf.getvalue().splitlines()
     return {"pp": _stats(pp) if pp else None, "tg": _stats(tg) if tg else None,
             "threads": threads[0], "threads_batch": threads[1],
             "log": list(dict.fromkeys(ln.strip() for ln in log if _LOG_KEEP.search(ln)))}

@@ -6,13 +6,12 @@ would silently run it at full budget) unless ``allow_unpatched`` is set.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import AllocMoeError
 from .gguf_meta import ModelInfo, find_plan, read_info
@@ -99,39 +98,6 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
     return LoadChoice(plan_index=find_plan(info, budget))
 
 
-class _LogCapture:
-    """Collects llama.cpp's log lines while a model loads (so errors can be reported)."""
-
-    def __init__(self, echo: bool) -> None:
-        self.lines: list[str] = []
-        self.echo = echo
-
-    def __call__(self, level: int, text: bytes, user_data: Any) -> None:
-        s = text.decode("utf-8", errors="replace")
-        self.lines.append(s)
-        if self.echo:
-            sys.stderr.write(s)
-
-    def errors(self) -> str:
-        keep = [ln.strip() for ln in "".join(self.lines).splitlines() if "error" in ln.lower() or "allocmoe" in ln]
-        return "\n".join(keep[-5:])
-
-
-@contextlib.contextmanager
-def captured_log(echo: bool = False) -> Iterator[_LogCapture]:
-    """Route llama.cpp's log into a buffer for the duration of the block."""
-    llama_cpp = llama_cpp_module()
-    from llama_cpp import _logger
-
-    cap = _LogCapture(echo)
-    cb = llama_cpp.llama_log_callback(cap)
-    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
-    try:
-        yield cap
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allow_unpatched: bool = False,
          verbose: bool = False, **llama_kwargs: Any) -> Any:
     """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files."""
@@ -147,13 +113,10 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
         warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
         kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
     llama_kwargs.setdefault("n_ctx", 512)
-    with captured_log(echo=verbose) as cap:
-        try:
-            llm = llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
-        except ValueError as e:
-            detail = cap.errors() or str(e)
-            raise AllocMoeError(f"llama.cpp could not load {path}:\n{detail}") from e
-    return llm
+    try:
+        return llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
+    except ValueError as e:  # llama.cpp printed the reason (an error-level log line) just above
+        raise AllocMoeError(f"llama.cpp could not load {path} (reason above)") from e
 
 
 def layer_counts(llm: Any) -> list[int]:
