@@ -9,7 +9,10 @@ OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 C=$REPO/.carry
 mkdir -p "$OUT"
-export PYTHONPATH=$C/site ALLOCMOE_CACHE=$C/cache LLAMA_SRC=$C/llama.cpp PYTHONUNBUFFERED=1
+# On the H200 image, importing numpy before a CUDA libllama is loaded makes the model load segfault;
+# a sitecustomize that imports llama_cpp first avoids it.
+mkdir -p /tmp/allocmoe-site && echo "import llama_cpp" > /tmp/allocmoe-site/sitecustomize.py
+export PYTHONPATH=/tmp/allocmoe-site:$C/site ALLOCMOE_CACHE=$C/cache LLAMA_SRC=$C/llama.cpp PYTHONUNBUFFERED=1
 export LLAMA_CPP_LIB_PATH=${WORK:-/tmp/allocmoe-gpu}/build-cuda90/bin
 cd "$REPO"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
