@@ -16,6 +16,7 @@ scalar, so a stock llama.cpp still runs a stamped file correctly at full budget.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -114,17 +115,7 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
     moe_layers = [i for i in range(block_count) if f"blk.{i}.ffn_gate_inp.weight" in names]
     ftype = _value(reader, "general.file_type")
     allocmoe = {k[len(PREFIX):]: _value(reader, k) for k in reader.fields if k.startswith(PREFIX)}
-    plans = []
-    for i in range(int(allocmoe.get("plan_count", 0) or 0)):
-        p = f"plan.{i}."
-        if p + "layer_expert_counts" in allocmoe:
-            plans.append({
-                "counts": tuple(allocmoe.get(p + "layer_expert_counts") or ()),
-                "budget": float(allocmoe.get(p + "budget", 0.0)),
-                "budget_count": int(allocmoe.get(p + "budget_count", 0)),
-                "method": str(allocmoe.get(p + "method", "custom")),
-                "name": str(allocmoe.get(p + "name", "")),
-            })
+    plans = [_stored_plan_entry(path, allocmoe, i) for i in _plan_indices(path, allocmoe)]
     summary = {k: v for k, v in allocmoe.items() if not k.startswith("plan.")}
     if plans:
         summary["plans"] = plans
@@ -138,6 +129,27 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
         expert_used_count=int(used or 0), moe_layers=moe_layers, file_type=ftype_name,
         n_bytes=Path(path).stat().st_size, allocmoe=summary,
     )
+
+
+def _plan_indices(path: str | os.PathLike[str], allocmoe: dict[str, Any]) -> list[int]:
+    """Indices below plan_count that have stored counts (found from the keys: plan_count may be huge)."""
+    count = allocmoe.get("plan_count", 0)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise AllocMoeError(f"{path}: allocmoe.plan_count is not an integer; the file's plan metadata is malformed")
+    found = (re.fullmatch(r"plan\.(\d+)\.layer_expert_counts", k) for k in allocmoe)
+    return sorted(i for i in (int(m.group(1)) for m in found if m) if i < count)
+
+
+def _stored_plan_entry(path: str | os.PathLike[str], allocmoe: dict[str, Any], i: int) -> dict[str, Any]:
+    """Stored plan ``i`` as StoredPlan fields; values of the wrong type are a clean error."""
+    p = f"plan.{i}."
+    counts = allocmoe[p + "layer_expert_counts"]
+    budget, budget_count = allocmoe.get(p + "budget", 0.0), allocmoe.get(p + "budget_count", 0)
+    if not (isinstance(counts, list) and all(isinstance(k, int) for k in counts)
+            and isinstance(budget, (int, float)) and isinstance(budget_count, int)):
+        raise AllocMoeError(f"{path}: allocmoe.plan.{i}.* has values of the wrong type; the file's plan metadata is malformed")
+    return {"counts": tuple(counts), "budget": float(budget), "budget_count": int(budget_count),
+            "method": str(allocmoe.get(p + "method", "custom")), "name": str(allocmoe.get(p + "name", ""))}
 
 
 def expand_counts(info: ModelInfo, counts: list[int]) -> list[int]:

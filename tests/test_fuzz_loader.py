@@ -1,0 +1,88 @@
+"""Fuzz of the patched loader (scripts/fuzz_loader.py): hundreds of GGUFs with mutated allocmoe
+metadata, loaded in worker subprocesses; only a load that runs the contract's counts or a clean
+load error is allowed. Also the generator's own guarantees and read_info on hostile plan keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+from allocmoe_edge.errors import AllocMoeError
+from allocmoe_edge.gguf_meta import PREFIX, read_info
+
+_SPEC = importlib.util.spec_from_file_location("fuzz_loader", Path(__file__).parent.parent / "scripts" / "fuzz_loader.py")
+fuzz_loader = sys.modules.setdefault("fuzz_loader", importlib.util.module_from_spec(_SPEC))
+_SPEC.loader.exec_module(fuzz_loader)  # registered first: its dataclasses look their module up
+
+T = gguf.GGUFValueType
+N_CASES = 500  # the whole catalogue (444 cases) and seeded random combinations
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return fuzz_loader.write_base(tmp_path_factory.mktemp("fuzz") / "base.gguf")
+
+
+def test_cases_are_deterministic_and_cover_the_contract(base):
+    info = read_info(base)
+    a, b = fuzz_loader.make_cases(info, N_CASES, 0), fuzz_loader.make_cases(info, N_CASES, 0)
+    assert [c.name for c in a] == [c.name for c in b] and len(a) == N_CASES
+    assert [c.name for c in fuzz_loader.make_cases(info, N_CASES, 1)] != [c.name for c in a]
+    names = " ".join(c.name for c in a)
+    for family in ("type:", "drop:", "len:", "val:", "kmin=", "kmax=", "version=", "enabled=", "plan_count=",
+                   "file_plan_index=", "override_plan_index=", "dup:", "rand"):
+        assert family in names, family
+    base_kv = fuzz_loader.base_fields(info)
+    verdicts = [fuzz_loader.expected(c, info, base_kv) for c in a]
+    assert sum(v is None for v in verdicts) > 100 and sum(v is not None for v in verdicts) > 100
+
+
+def test_duplicated_key_is_really_written_twice(base, tmp_path):
+    info = read_info(base)
+    case = next(c for c in fuzz_loader.catalogue(info) if c.duplicate == PREFIX + "version")
+    out = tmp_path / "dup.gguf"
+    fuzz_loader.write_case(base, case, fuzz_loader.base_fields(info), out)
+    assert out.read_bytes().count(PREFIX.encode() + b"version") == 2
+    with pytest.raises(AllocMoeError):  # gguf-py cannot read it either: a clean error
+        read_info(out)
+
+
+@pytest.mark.parametrize("fields", [
+    {PREFIX + "plan_count": (2**32 - 1, T.UINT32, None)},  # used to loop 4e9 times
+    {PREFIX + "plan_count": ("2", T.STRING, None)},
+    {PREFIX + "plan.0.budget": ([0.5, 0.5], T.ARRAY, T.FLOAT32)},
+    {PREFIX + "plan.1.layer_expert_counts": (3, T.UINT32, None)},
+    {PREFIX + "plan.0.budget_count": ("7", T.STRING, None)},
+])
+def test_read_info_on_hostile_plan_keys_is_clean(base, tmp_path, fields):
+    """read_info (behind inspect, run, eval) gives plans or an AllocMoeError, never a crash or a hang."""
+    info = read_info(base)
+    case = fuzz_loader.Case("hostile", dict(fields))
+    out = tmp_path / "h.gguf"
+    fuzz_loader.write_case(base, case, fuzz_loader.base_fields(info), out)
+    try:
+        got = read_info(out)
+    except AllocMoeError as e:
+        assert "malformed" in str(e)
+    else:
+        assert len(got.plans) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_loader_fuzz(patched_runtime, base):
+    results = fuzz_loader.fuzz(base, N_CASES, seed=0, batch=100, timeout=240, log=lambda _: None)
+    assert len(results) == N_CASES
+    problems = [f"#{r['index']} {r['case']} (plan_index override {r['override']}): {r['problem']}"
+                for r in results if r["problem"]]
+    assert not problems, "\n".join(problems)
+    loaded = [r for r in results if r["loaded"]]
+    refused = [r for r in results if not r["loaded"]]
+    assert len(loaded) > 100 and len(refused) > 100
+    # a refusal names its reason (the loader's error line)
+    assert all("error loading model" in r["error"] or "gguf" in r["error"] for r in refused), \
+        [r for r in refused if "error loading model" not in r["error"]][:3]
