@@ -17,19 +17,18 @@ fractions (as in ``torch_eval``); the markdown table shows them in %.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import __version__
 from .errors import AllocMoeError
+from .fsutil import read_text
 from .gguf_meta import ModelInfo, read_info
 from .runtime import LoadChoice
 
@@ -190,16 +189,6 @@ def gguf_configurations(info: ModelInfo, budgets: Sequence[float] | None = None)
 
 # ---------------------------------------------------------------- llama.cpp backend
 
-def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
-    """The text of ``path`` and its description (path and sha256)."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
-    return data.decode("utf-8", errors="replace"), {"path": str(p), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _reference_store(folder: str, shape: tuple[int, int, int]) -> np.ndarray:
     """A float32 array on disk for the full-budget log-probs; a clear error when the disk is too small."""
     need = int(np.prod(shape)) * 4
@@ -319,7 +308,7 @@ def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.
         results.append(_row(c, r["activations_per_token"], counts[c.name], model.full_budget, quality))
     return {
         "backend": "torch", "model": raw["model"],
-        "text": {"path": raw["text"]["file"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
+        "text": {"path": raw["text"]["path"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
         "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx),
         "results": results, "runtime": {"torch": torch.__version__}, "tool": f"allocmoe-edge {__version__}",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -53,3 +54,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """The text of ``path`` (UTF-8, undecodable bytes replaced) and its description (path, sha256)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
+    return data.decode("utf-8", errors="replace"), {"path": str(p), "sha256": hashlib.sha256(data).hexdigest()}

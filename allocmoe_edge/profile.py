@@ -214,7 +214,8 @@ def run_profile(
     layer forwards still to do. Returns the sensitivity document.
     """
     from .hf import load_model, moe_info
-    from .torch_eval import read_text, token_windows
+    from .fsutil import read_text
+    from .torch_eval import token_windows
 
     if mode not in MODES:
         raise AllocMoeError(f"profile mode {mode!r} is not one of {', '.join(MODES)}")

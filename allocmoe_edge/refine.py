@@ -129,7 +129,8 @@ def run_refine(
 ) -> Plan:
     """Load the model and plan, refine the plan on ``calib`` and save it to ``out``."""
     from .hf import load_model
-    from .torch_eval import read_text, token_windows
+    from .fsutil import read_text
+    from .torch_eval import token_windows
 
     plan = Plan.load(plan_path)
     if metric not in METRICS:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -113,10 +112,26 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
         warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
         kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
     llama_kwargs.setdefault("n_ctx", 512)
+    from llama_cpp import _logger
+
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep_errors(level: int, text: bytes, user_data: Any) -> None:
+        # llama-cpp-python's logger hides error lines unless verbose (it maps ggml's ERROR level to
+        # DEBUG), so the loader's reason is kept here for the message
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            errors.append(text.decode("utf-8", errors="replace").strip())
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
     try:
         return llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
-    except ValueError as e:  # llama.cpp printed the reason (an error-level log line) just above
-        raise AllocMoeError(f"llama.cpp could not load {path} (reason above)") from e
+    except ValueError as e:
+        reason = errors[0].removeprefix("llama_model_load: ") if errors else str(e)
+        raise AllocMoeError(f"llama.cpp could not load {path}: {reason}") from e
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def layer_counts(llm: Any) -> list[int]:

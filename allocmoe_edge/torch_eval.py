@@ -8,28 +8,17 @@ compared with the full-budget model on the same windows.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .errors import AllocMoeError
+from .fsutil import read_text
 
 PlanSpec = tuple[Sequence[int], bool]  # (counts per MoE layer, Alloc-T on)
-
-
-def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """The text of ``path`` and its description (file name and sha256)."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
-    return data.decode("utf-8", errors="replace"), {"file": str(p), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def token_windows(tokenizer: Any, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
