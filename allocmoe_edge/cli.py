@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "Measure pp/tg tokens/s at full budget, stored plans and uniform top-k."),
     "build-runtime": ("build_runtime", "Build and install the patched llama-cpp-python."),
     "convert": ("convert", "Convert a Hugging Face checkpoint to one GGUF holding budget plans."),
+    "demo": ("demo", "Run the whole pipeline on the bundled model: profile, allocate, convert, eval, bench, report."),
     "doctor": ("doctor", "Report the installed llama_cpp and whether it is patched."),
     "eval": ("eval", "Perplexity, KL divergence and top-1 agreement of every budget configuration."),
     "inspect": ("inspect", "Show a GGUF's MoE shape and its allocmoe plans."),
