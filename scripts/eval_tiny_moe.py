@@ -78,6 +78,9 @@ def main() -> None:
     for plan in ([k_orig, *[1] * (n_layers - 2), k_orig], [1, *[k_orig] * (n_layers - 2), 1],
                  [k_orig] * half + [1] * rest, [1] * half + [k_orig] * rest):
         plans[str(plan)] = plan
+    # one layer at top-1, the others at full top-k: the per-layer sensitivity profile
+    for layer in range(n_layers):
+        plans[f"layer {layer} at 1"] = [1 if i == layer else k_orig for i in range(n_layers)]
     losses = {}
     for name, plan in plans.items():
         set_plan(model, plan)
