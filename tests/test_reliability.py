@@ -155,3 +155,100 @@ def test_run_names_the_loaders_reason(patched_runtime, tiny_gguf, tmp_path):
     proc = cli("run", bad, "-p", "hi", "-n", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "layer_expert_counts[1] = 0 is outside [1, 6]" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ two budgets at once, soak
+
+def _llama_kwargs() -> dict:
+    # f32 KV cache, fixed threads: the same arithmetic in every context compared below
+    return dict(logits_all=True, n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, type_k=0, type_v=0)
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_two_budgets_in_one_process_match_each_alone(patched_runtime, tiny_gguf, tmp_path):
+    """Plans 0 and 1 of one file (Alloc-T on), loaded at the same time with interleaved calls,
+    give bit for bit the logits and executed activations that each gives loaded alone."""
+    from allocmoe_edge.graph_probe import moe_activations
+    from allocmoe_edge.runtime import layer_counts, load
+
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    counts = ([1, 2, 1], [2, 1, 3])
+    f = tmp_path / "two.gguf"
+    stamp(path, f, [plan_for_counts(info, c) for c in counts], k_min=1, k_max=3)
+    tokens = tokens_for(50000, n=32)
+
+    def run(llm) -> tuple[dict, np.ndarray, np.ndarray]:
+        acts, probe = moe_activations(llm, tokens)  # a fresh context of its own on llm's model
+        llm.reset()
+        llm.eval(tokens)  # the Llama's own context
+        return acts, probe, np.array(llm.scores[: len(tokens)])
+
+    alone = []
+    for i in (0, 1):
+        llm = load(f, LoadChoice(plan_index=i), **_llama_kwargs())
+        assert layer_counts(llm) == counts[i]
+        alone.append(run(llm))
+        llm.close()
+    assert not np.array_equal(alone[0][1], alone[1][1])  # the budgets really differ
+    for (acts, probe, own), c in zip(alone, counts):
+        assert np.array_equal(probe, own) and np.isfinite(own).all()
+        for a, k in zip(acts.values(), c):
+            assert a["pairs"] == len(tokens) * k
+            if 1 < k < 3:  # Alloc-T redistributed this layer's activations (k = k_max leaves nothing to move)
+                assert a["per_token"] is not None and len(set(a["per_token"])) > 1
+
+    both = [load(f, LoadChoice(plan_index=i), **_llama_kwargs()) for i in (0, 1)]
+    for _ in range(2):
+        for llm, (acts, probe, own) in zip(both, alone):
+            got_acts, got_probe, got_own = run(llm)
+            assert got_acts == acts and np.array_equal(got_probe, probe) and np.array_equal(got_own, own)
+    for llm in both:
+        llm.close()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+SOAK_TOKENS = 10_000
+SOAK_GROWTH_MB = 8  # RSS growth allowed after the first 1,000 tokens (measured: 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_soak_alloc_t_memory_flat_and_finite(patched_runtime, tiny_gguf, tmp_path):
+    """10,000 tokens at a tight budget with Alloc-T on: 64-token ubatches (Alloc-T runs, T = 64)
+    and single-token greedy generation (T = 1), the context reused after a reset: every logit
+    finite, RSS flat after the first 1,000 tokens."""
+    from allocmoe_edge.graph_probe import moe_activations
+    from allocmoe_edge.runtime import layer_counts, load
+
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    f = tmp_path / "tight.gguf"
+    stamp(path, f, [plan_for_counts(info, [1, 2, 1])], k_min=1, k_max=info.expert_used_count)
+    llm = load(f, **dict(_llama_kwargs(), n_ctx=256))
+    assert layer_counts(llm) == [1, 2, 1]
+    acts, _ = moe_activations(llm, tokens_for(50000, n=64))
+    assert acts[1]["per_token"] is not None  # Alloc-T is in the graph of a 64-token ubatch
+    rng = np.random.default_rng(0)
+    done, baseline, peak = 0, None, 0.0
+    while done < SOAK_TOKENS:
+        llm.reset()
+        llm.eval(rng.integers(1, 50000, size=192).tolist())  # three ubatches of 64
+        for _ in range(8):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        assert np.isfinite(llm.scores[: llm.n_tokens]).all(), f"non-finite logits after {done} tokens"
+        done += llm.n_tokens
+        if baseline is None and done >= 1000:
+            baseline = _rss_mb()
+        peak = max(peak, _rss_mb())
+    llm.close()
+    growth = peak - baseline
+    print(f"soak: {done} tokens, RSS {baseline:.1f} MB after 1,000 tokens, peak {peak:.1f} MB (+{growth:.2f} MB)")
+    assert growth < SOAK_GROWTH_MB, f"RSS grew {growth:.1f} MB over {done} tokens"
