@@ -69,6 +69,7 @@ def write_base(path: Path, seed: int = 0) -> Path:
     """A tiny synthetic Mixtral-layout GGUF (llama arch, 4 blocks, 8 experts, top-2; ~1 MB)."""
     from allocmoe_edge import synth
 
+    # synthesize() takes the name of a registered shape
     synth.SHAPES.setdefault("fuzz-tiny", synth.Shape(
         "fuzz-tiny", "llama", n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_vocab=320, n_ctx=256,
         rope_theta=1e4, rms_eps=1e-5, n_ff=64, n_expert=8, n_expert_used=2, n_ff_exp=64))

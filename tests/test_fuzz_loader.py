@@ -72,6 +72,26 @@ def test_read_info_on_hostile_plan_keys_is_clean(base, tmp_path, fields):
         assert len(got.plans) == 2
 
 
+def test_a_dying_batch_is_rerun_per_file_and_names_the_file(base, monkeypatch):
+    """A worker that dies mid-batch: the files it did not report are rerun alone, and the one
+    that dies alone carries the reason (the others are judged normally)."""
+    calls = []
+
+    def fake_worker(jobs, folder, timeout):
+        calls.append([Path(j["file"]).name for j in jobs])
+        recs = [{"file": j["file"], "loaded": False, "counts": None, "finite": None, "error": "", "python": "ok"}
+                for j in jobs]
+        if len(jobs) > 1:
+            return recs[:3], "killed by signal SIGSEGV: "
+        return ([], "killed by signal SIGSEGV: ") if jobs[0]["file"].endswith("case0003.gguf") else (recs, "")
+
+    monkeypatch.setattr(fuzz_loader, "_run_worker", fake_worker)
+    results = fuzz_loader.fuzz(base, 6, seed=0, batch=6, log=lambda _: None)
+    assert calls[1:] == [["case0003.gguf"], ["case0004.gguf"], ["case0005.gguf"]]
+    assert "SIGSEGV" in results[3]["problem"]
+    assert not any("SIGSEGV" in r["problem"] for i, r in enumerate(results) if i != 3)
+
+
 @pytest.mark.slow
 @pytest.mark.runtime
 def test_loader_fuzz(patched_runtime, base):
