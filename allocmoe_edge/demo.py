@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -56,7 +57,7 @@ class DemoSettings:
     n_gen: int  # tokens of the tg test
 
 
-FULL = DemoSettings("full", ctx=256, calib_tokens=16384, eval_chunks=64, reps=3, n_prompt=512, n_gen=128)
+FULL = DemoSettings("full", ctx=256, calib_tokens=8192, eval_chunks=32, reps=3, n_prompt=512, n_gen=128)
 QUICK = DemoSettings("quick", ctx=128, calib_tokens=1024, eval_chunks=4, reps=1, n_prompt=64, n_gen=16)
 
 
@@ -130,6 +131,12 @@ class Manifest:
         atomic_write_json(self.path, self.doc)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the converter runs as one)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class _Run:
     """One demo run: the output folder, its inputs, the manifest and the console."""
 
@@ -150,9 +157,9 @@ class _Run:
         self.console.print(f"[bold]\\[{STEPS.index(key) + 1}/{len(STEPS)}] {key}[/bold]: {escape(what)}",
                            highlight=False, soft_wrap=True)
         record = {"status": "made"}
-        start = time.monotonic()
+        start, cpu = time.monotonic(), _cpu_seconds()
         yield record
-        record["seconds"] = round(time.monotonic() - start, 2)
+        record.update(seconds=round(time.monotonic() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu, 2))
         self.steps[key] = record
 
     def say(self, message: str) -> None:
@@ -254,13 +261,9 @@ class _Run:
             total = len(configurations(read_info(self.gguf), BUDGETS))
             with self.progress() as bar:
                 task = bar.add_task("loading", total=total)
-                started = [0]
-
-                def log(message: str) -> None:
-                    started[0] += 1
-                    bar.update(task, description=message.removeprefix("measuring "), completed=started[0] - 1)
-
-                result = bench(self.gguf, opts, log=log)
+                finished = itertools.count()  # bench logs "measuring <config>" as each configuration starts
+                result = bench(self.gguf, opts, log=lambda message: bar.update(
+                    task, description=message.removeprefix("measuring "), completed=next(finished)))
             atomic_write_json(self.out / "bench.json", result)
             self.say(f"{len(result['rows'])} configurations, backend {result['backend']}, "
                      f"threads {result['threads']}/{result['threads_batch']} -> bench.json")
@@ -287,7 +290,8 @@ class _Run:
 
     def _report_md(self, table: str, eval_result: dict[str, Any], bench_result: dict[str, Any]) -> str:
         s, run = self.settings, self.manifest.doc["last_run"]
-        steps = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.1f} |" for k, v in self.steps.items())
+        steps = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} |"
+                          for k, v in self.steps.items())
         files = [self.sensitivity, *self.plans, self.gguf]
         return f"""# allocmoe demo: {self.model_dir.name}
 
@@ -306,8 +310,8 @@ token divided by the row's.
 
 ![quality vs speed](frontier.png)
 
-| step | status | seconds |
-|---|---|---:|
+| step | status | seconds | CPU seconds |
+|---|---|---:|---:|
 {steps}
 
 Total {run['seconds']:.1f} s. Files: {', '.join(p.name for p in files)}, eval.json, bench.json, \
