@@ -1,5 +1,6 @@
 """demo: the whole pipeline in quick mode on a tiny model with a SentencePiece vocabulary (as the
-bundled model has), its report, and reuse of the profile and the GGUF on a second run."""
+bundled model has), its report, reuse of the profile and the GGUF on a second run; clean errors for a
+stock runtime and a missing bundled model."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from rich.console import Console
 
 from allocmoe_edge import assets
 from allocmoe_edge.demo import BUDGETS, STEPS, run_demo
-
-pytestmark = [pytest.mark.slow, pytest.mark.runtime]
+from allocmoe_edge.errors import AllocMoeError
 
 
 def _tiny_spm_model(root: Path) -> Path:
@@ -41,6 +41,22 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def test_demo_refuses_a_stock_runtime_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("allocmoe_edge.runtime.patch_version", lambda: None)
+    with pytest.raises(AllocMoeError, match="stock build.*allocmoe build-runtime"):
+        run_demo(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_names_a_missing_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.setattr("allocmoe_edge.runtime.patch_version", lambda: 2)
+    monkeypatch.setattr(assets, "ASSETS", tmp_path / "assets")
+    with pytest.raises(AllocMoeError, match="bundled asset missing: .*tiny-moe"):
+        run_demo(tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
 def test_demo_end_to_end_and_reuse(tmp_path, patched_runtime):
     hf = _tiny_spm_model(tmp_path)
     out = tmp_path / "demo"
