@@ -13,8 +13,11 @@ low-level llama.cpp API and print one JSON line per file; a batch that dies by a
 exits non-zero or hangs is rerun one file per process to name the file. Allowed outcomes:
 a load that runs the oracle's counts (and decodes finite logits), or a clean load error;
 the Python side (``read_info`` and the load choice) may only raise ``AllocMoeError``.
-Runs under an AddressSanitizer build with ``LLAMA_CPP_LIB_PATH`` / ``LD_PRELOAD`` set in
-the environment, which the workers inherit; any "AddressSanitizer" report is a problem.
+Runs under an AddressSanitizer build with ``LLAMA_CPP_LIB_PATH=<unpacked wheel>/llama_cpp/lib``,
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"`` (without
+libstdc++ ASan cannot intercept the loader's C++ exceptions in a Python process and aborts on
+the first clean load error) and ``ASAN_OPTIONS=detect_leaks=0`` set in the environment, which
+the workers inherit; any "AddressSanitizer" report is a problem.
 """
 
 from __future__ import annotations
@@ -413,7 +416,7 @@ def _run_worker(jobs: list[dict[str, Any]], folder: Path, timeout: float) -> tup
     if rc is None:
         return records, f"hang (no exit within {timeout:.0f} s)"
     if "AddressSanitizer" in err:
-        return records, "AddressSanitizer report: " + err[err.index("AddressSanitizer") - 10:][:3000]
+        return records, err[err.rfind("\n", 0, err.index("AddressSanitizer")) + 1:][:3000]
     if rc < 0:
         return records, f"killed by signal {signal.Signals(-rc).name}: {err[-1500:]}"
     if rc != 0:
