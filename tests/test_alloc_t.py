@@ -24,6 +24,12 @@ CASES = {
 }
 
 
+def _mixtral_plan(tiny_gguf, tmp_path, counts: list[int], k_min: int, k_max: int):
+    """The tiny Mixtral stamped with one plan and the given Alloc-T bounds."""
+    _, path = tiny_gguf("mixtral")
+    return stamp(path, tmp_path / "t.gguf", [plan_for_counts(read_info(path), counts)], k_min=k_min, k_max=k_max).path
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(1e-6, float(np.max(np.abs(b)))))
 
@@ -49,35 +55,29 @@ def test_alloc_t_matches_torch_reference(patched_runtime, tiny_gguf, tmp_path, a
 
 
 def test_k_max_equal_to_counts_is_plain_top_k_bitwise(patched_runtime, tiny_gguf, tmp_path):
-    _, path = tiny_gguf("mixtral")
-    info = read_info(path)
-    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [2, 2, 2])], k_min=1, k_max=2)
+    path = _mixtral_plan(tiny_gguf, tmp_path, [2, 2, 2], k_min=1, k_max=2)
     tokens = tokens_for(50000, n=16)
-    acts_t, with_t = moe_activations(load_for_test(tmp_path / "t.gguf"), tokens)
-    acts_0, without = moe_activations(load_for_test(tmp_path / "t.gguf", LoadChoice(token_k_max=0)), tokens)
+    acts_t, with_t = moe_activations(load_for_test(path), tokens)
+    acts_0, without = moe_activations(load_for_test(path, LoadChoice(token_k_max=0)), tokens)
     assert np.array_equal(with_t, without)
     assert all(a["per_token"] is None for a in acts_t.values())  # no Alloc-T nodes in the graph
 
 
 def test_alloc_t_off_override_and_single_token(patched_runtime, tiny_gguf, tmp_path):
-    _, path = tiny_gguf("mixtral")
-    info = read_info(path)
-    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [2, 1, 2])], k_min=1, k_max=3)
+    path = _mixtral_plan(tiny_gguf, tmp_path, [2, 1, 2], k_min=1, k_max=3)
     tokens = tokens_for(50000, n=16)
     # token_k_max=0 turns Alloc-T off: plain per-layer top-k
-    acts, _ = moe_activations(load_for_test(tmp_path / "t.gguf", LoadChoice(token_k_max=0)), tokens)
+    acts, _ = moe_activations(load_for_test(path, LoadChoice(token_k_max=0)), tokens)
     assert [a["per_token"] for a in acts.values()] == [None] * 3
     # T = 1 (single-stream decode) is exactly top-k_l, with no extra nodes
-    acts1, _ = moe_activations(load_for_test(tmp_path / "t.gguf"), tokens[:1])
+    acts1, _ = moe_activations(load_for_test(path), tokens[:1])
     assert [(a["pairs"], a["per_token"]) for a in acts1.values()] == [(2, None), (1, None), (2, None)]
 
 
 def test_k_min_protects_each_tokens_best(patched_runtime, tiny_gguf, tmp_path):
-    _, path = tiny_gguf("mixtral")
-    info = read_info(path)
-    stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, [3, 2, 3])], k_min=2, k_max=4)
+    path = _mixtral_plan(tiny_gguf, tmp_path, [3, 2, 3], k_min=2, k_max=4)
     tokens = tokens_for(50000, n=20)
-    acts, _ = moe_activations(load_for_test(tmp_path / "t.gguf"), tokens)
+    acts, _ = moe_activations(load_for_test(path), tokens)
     for a, k in zip(acts.values(), [3, 2, 3]):
         assert a["pairs"] == 20 * k
         if k > 2:
