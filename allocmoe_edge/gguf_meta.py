@@ -215,11 +215,12 @@ def stored_plan(info: ModelInfo, plan: Any) -> StoredPlan:
 
 def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                        set_fields: dict[str, tuple[Any, Any, Any]], drop: Callable[[str], bool],
-                       progress: Callable[[int, int], None] | None = None) -> None:
+                       progress: Callable[[int, int], None] | None = None, writer_cls: Any = None) -> None:
     """Copy a GGUF to ``dst`` (atomically) with keys removed by ``drop`` and ``set_fields`` added.
 
     ``set_fields`` maps key -> (value, GGUFValueType, sub_type or None); arrays must name their
-    sub_type (gguf-py would otherwise write a uint32 list as int32).
+    sub_type (gguf-py would otherwise write a uint32 list as int32). ``writer_cls`` replaces
+    gguf-py's GGUFWriter (the loader fuzzer writes values gguf-py refuses).
     """
     import gguf
 
@@ -233,7 +234,7 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         raise AllocMoeError(f"not enough disk space in {dst.parent}: need ~{total >> 20} MiB, {free >> 20} MiB free")
     arch = _value(reader, "general.architecture")
     with atomic_output(dst) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
+        writer = (writer_cls or gguf.GGUFWriter)(tmp, arch, endianess=reader.endianess)
         for f in reader.fields.values():
             if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or drop(f.name) or f.name in set_fields:
                 continue

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any, Iterator
 
 import gguf
 
-from allocmoe_edge.gguf_meta import PREFIX, ModelInfo, StoredPlan, plan_fields, read_info
+from allocmoe_edge.gguf_meta import PREFIX, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info
 
 T = gguf.GGUFValueType
 Field = tuple[Any, Any, Any]  # (value, GGUFValueType, sub_type or None)
@@ -283,23 +282,7 @@ def write_case(base_path: Path, case: Case, base: dict[str, Field], out: Path) -
     if case.duplicate:
         placeholder = case.duplicate.replace(PREFIX, PREFIX[:-2] + "#.", 1)
         kv[placeholder] = case.set[case.duplicate]
-    reader = gguf.GGUFReader(base_path, "r")
-    writer = _Writer(out, str(reader.get_field("general.architecture").contents()))
-    for f in reader.fields.values():
-        if f.name == "general.architecture" or f.name.startswith(("GGUF.", PREFIX)):
-            continue
-        sub = f.types[-1] if f.types[0] == T.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    for key, (value, vtype, sub) in kv.items():
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data)
-    writer.close()
+    copy_with_metadata(base_path, out, kv, drop=lambda k: k.startswith(PREFIX), writer_cls=_Writer)
     if placeholder:
         at = out.read_bytes().index(placeholder.encode())
         with open(out, "r+b") as f:
