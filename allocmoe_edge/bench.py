@@ -190,14 +190,15 @@ def _llama_kwargs(opts: BenchOptions) -> dict[str, Any]:
     return kw
 
 
-def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions) -> dict[str, Any]:
+def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions,
+            info: ModelInfo | None = None) -> dict[str, Any]:
     """Load ``path`` as ``choice`` and time it; returns pp / tg stats, threads and the kept log lines."""
     from .runtime import load
 
     buf = io.StringIO()
     # verbose=True: llama-cpp-python's log callback prints llama.cpp's log through Python's stderr
     with contextlib.redirect_stderr(buf):
-        llm = load(path, choice, verbose=True, **_llama_kwargs(opts))
+        llm = load(path, choice, verbose=True, info=info, **_llama_kwargs(opts))
         try:
             tokens = np.random.default_rng(opts.seed).integers(0, llm.n_vocab(), max(opts.n_prompt, opts.n_gen))
             run = _Runner(llm, tokens)
@@ -283,7 +284,7 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
             row = {"name": config.name, "method": config.method, "alloc_t": config.alloc_t,
                    "budget": sum(counts) / info.full_budget, "budget_count": sum(counts), "counts": list(counts),
                    "kv_overrides": choice.kv_overrides(info), "bytes_per_token": used,
-                   "decode_limit": full_bytes / used, **measure(path, choice, opts)}
+                   "decode_limit": full_bytes / used, **measure(path, choice, opts, info)}
             rows.append(row)
         for row in rows:
             row["speedup_pp"] = _ratio(row, rows[0], "pp")

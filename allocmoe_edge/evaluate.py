@@ -230,7 +230,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     results = []
     with tempfile.TemporaryDirectory(prefix="allocmoe-eval-") as tmp:
         for config in configs:
-            llm = load(model, config.choice(), **llama_kwargs)
+            llm = load(model, config.choice(), info=info, **llama_kwargs)
             try:
                 if config is configs[0]:  # full budget: tokenize, then keep its log-probs as the reference
                     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)

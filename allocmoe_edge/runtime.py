@@ -98,9 +98,13 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
 
 
 def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allow_unpatched: bool = False,
-         verbose: bool = False, **llama_kwargs: Any) -> Any:
-    """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files."""
-    info = read_info(path)
+         verbose: bool = False, info: ModelInfo | None = None, **llama_kwargs: Any) -> Any:
+    """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files.
+
+    ``info`` is the file's metadata when the caller has already read it (evaluations load one
+    file many times; gguf-py takes seconds over a large vocabulary).
+    """
+    info = info or read_info(path)
     choice = choice or LoadChoice()
     kv = choice.kv_overrides(info)
     llama_cpp = llama_cpp_module()
