@@ -38,7 +38,7 @@ SENSITIVITY_VERSION = 1
 PROFILE_MODES = ("isolated", "deeper-top1")
 METRICS = ("kld", "ppl")
 # method -> whether Alloc-T is on in the resulting plan
-ALLOCATE_METHODS = {"alloc-l+t": True, "alloc-l": False, "uniform": False}
+ALLOCATE_METHODS = {"alloc-l+t": True, "alloc-l": False, "uniform+t": True, "uniform": False}
 
 
 def _cost_table(costs: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -191,7 +191,8 @@ def plan_from_sensitivity(
     """Build a plan from a sensitivity file's contents (see the module docstring).
 
     ``method``: "alloc-l+t" (DP, Alloc-T on with token bounds [k_min, k_max]), "alloc-l"
-    (DP, Alloc-T off) or "uniform" (same k everywhere, Alloc-T off). ``k_min``/``k_max``
+    (DP, Alloc-T off), "uniform+t" (same k everywhere, Alloc-T on: Alloc-T alone) or "uniform"
+    (same k everywhere, Alloc-T off). ``k_min``/``k_max``
     bound every layer's count (k_max defaults to k_orig) and, with Alloc-T, every token's.
     """
     if method not in ALLOCATE_METHODS:
@@ -215,7 +216,7 @@ def plan_from_sensitivity(
     tables = {"kld": raw["kld"], "ppl": None if raw["ppl"] is None else np.log(raw["ppl"]) - math.log(full_ppl)}
     costs = tables[metric]
     n = len(model.moe_layers)
-    if method == "uniform":
+    if method.startswith("uniform"):
         counts = uniform_counts(n, budget.count, k_min, k_max)
     else:
         counts = allocate_layers(costs, budget.count, k_min, k_max)

@@ -30,7 +30,7 @@ from .fsutil import atomic_write_json
 
 PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSION = 1
-METHODS = ("uniform", "alloc-l", "alloc-l+t", "lexi", "refined", "custom")
+METHODS = ("uniform", "uniform+t", "alloc-l", "alloc-l+t", "lexi", "refined", "custom")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:

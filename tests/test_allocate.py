@@ -149,6 +149,10 @@ def test_plan_from_sensitivity_methods_and_bounds():
     assert alloc_l.counts == (3, 2, 1) and alloc_l.token_k_max == 0 and alloc_l.method == "alloc-l"
     uni = plan_from_sensitivity(sens, 0.5, "uniform")
     assert uni.counts == (2, 2, 2) and uni.token_k_max == 0
+    alloc_t = plan_from_sensitivity(sens, 0.5, "uniform+t")  # Alloc-T alone: uniform counts, Alloc-T on
+    assert alloc_t.counts == (2, 2, 2) and (alloc_t.token_k_min, alloc_t.token_k_max) == (1, 4)
+    alloc_t.validate()  # raises on a bad plan
+    assert alloc_t.predicted == uni.predicted
     assert uni.predicted["cost"] > alloc_l.predicted["cost"]
 
 

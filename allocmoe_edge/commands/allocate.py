@@ -50,7 +50,8 @@ from ..errors import AllocMoeError
     default="alloc-l+t",
     show_default=True,
     help="alloc-l+t: DP over layers plus token-level reallocation at run time; "
-    "alloc-l: DP only; uniform: the same k in every layer (baseline).",
+    "alloc-l: DP only; uniform+t: the same k in every layer plus token-level reallocation (Alloc-T alone); "
+    "uniform: the same k in every layer (baseline).",
 )
 @click.option(
     "-o",
