@@ -1,6 +1,8 @@
 """Speed in llama-bench's style: pp / tg tokens/s per budget and method, with the physical limit.
 
-For every configuration the model is loaded once with its scalar kv_overrides, then: one
+Every configuration runs in its own child process (`bench_worker`), so an abort inside
+llama.cpp costs that row only (marked with its error). The model is loaded once with the
+configuration's scalar kv_overrides, then: one
 warm-up prompt and one warm-up generated token, ``reps`` timed prompt runs (KV cache
 cleared, ``n_prompt`` random tokens in one llama_decode, n_batch = n_ubatch = n_prompt)
 and ``reps`` timed generation runs (KV cache cleared, ``n_gen`` tokens decoded one at a
@@ -26,30 +28,21 @@ as the output matrix). KV-cache traffic is not counted.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import io
 import re
-import statistics
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE
+from .bench_worker import llama_kwargs, measure_isolated
+from .fsutil import scratch_dir
 from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
-from .runtime import LoadChoice
 
 FORMAT = "allocmoe-bench"
 VERSION = 1
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
-# llama.cpp log lines kept per row (once each): graph nodes / splits, GPU offload, CUDA graphs, the plan
-# loaded and the patch's own messages (such as an Alloc-T fallback)
-_LOG_KEEP = re.compile(r"nodes = .*splits = |CUDA graph|offloaded \d|llama_allocmoe|allocmoe: |validate_override")
 
 
 @dataclass(frozen=True)
@@ -64,6 +57,7 @@ class BenchOptions:
     n_gpu_layers: int = 0
     flash_attn: bool = False
     seed: int = 0  # of the random prompt tokens
+    timeout: float | None = None  # seconds per configuration (load and all its tests)
 
     def check(self) -> None:
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
@@ -141,82 +135,6 @@ class WeightTraffic:
         return self.fixed + sum(k * b for k, b in zip(counts, self.per_expert.values()))
 
 
-def _stats(samples: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(samples), "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0,
-            "samples": samples}
-
-
-class _Runner:
-    """Timed llama_decode calls on a loaded ``llama_cpp.Llama`` (its context and batch)."""
-
-    def __init__(self, llm: Any, tokens: np.ndarray) -> None:
-        from .runtime import llama_cpp_module
-
-        self.lib = llama_cpp_module()
-        self.llm, self.tokens = llm, [int(t) for t in tokens]
-
-    def _decode(self) -> None:
-        try:
-            self.llm._ctx.decode(self.llm._batch)
-        except RuntimeError as e:
-            raise AllocMoeError(f"llama_decode failed: {e}") from e
-
-    def prompt(self, n: int) -> float:
-        """Tokens/s of one batch of ``n`` tokens after a KV reset."""
-        self.llm._ctx.kv_cache_clear()
-        self.llm._batch.set_batch(self.tokens[:n], n_past=0, logits_all=False)
-        t0 = time.perf_counter()
-        self._decode()
-        self.lib.llama_synchronize(self.llm._ctx.ctx)
-        return n / (time.perf_counter() - t0)
-
-    def generate(self, n: int) -> float:
-        """Tokens/s of ``n`` tokens decoded one at a time after a KV reset."""
-        self.llm._ctx.kv_cache_clear()
-        t0 = time.perf_counter()
-        for i in range(n):
-            self.llm._batch.set_batch(self.tokens[i:i + 1], n_past=i, logits_all=False)
-            self._decode()
-        self.lib.llama_synchronize(self.llm._ctx.ctx)
-        return n / (time.perf_counter() - t0)
-
-
-def _llama_kwargs(opts: BenchOptions) -> dict[str, Any]:
-    n_batch = max(opts.n_prompt, 1)
-    kw: dict[str, Any] = {"n_ctx": opts.n_prompt + opts.n_gen, "n_batch": n_batch, "n_ubatch": n_batch,
-                          "n_gpu_layers": opts.n_gpu_layers, "flash_attn": opts.flash_attn}
-    if opts.threads:
-        kw["n_threads"] = kw["n_threads_batch"] = opts.threads
-    return kw
-
-
-def measure(path: str | Path, choice: LoadChoice, opts: BenchOptions,
-            info: ModelInfo | None = None) -> dict[str, Any]:
-    """Load ``path`` as ``choice`` and time it; returns pp / tg stats, threads and the kept log lines."""
-    from .runtime import load
-
-    buf = io.StringIO()
-    # verbose=True: llama-cpp-python's log callback prints llama.cpp's log through Python's stderr
-    with contextlib.redirect_stderr(buf):
-        llm = load(path, choice, verbose=True, info=info, **_llama_kwargs(opts))
-        try:
-            tokens = np.random.default_rng(opts.seed).integers(0, llm.n_vocab(), max(opts.n_prompt, opts.n_gen))
-            run = _Runner(llm, tokens)
-            if opts.n_prompt:
-                run.prompt(opts.n_prompt)
-            if opts.n_gen:
-                run.generate(1)
-            pp = [run.prompt(opts.n_prompt) for _ in range(opts.reps)] if opts.n_prompt else []
-            tg = [run.generate(opts.n_gen) for _ in range(opts.reps)] if opts.n_gen else []
-            threads = (llm.context_params.n_threads, llm.context_params.n_threads_batch)
-        finally:
-            llm.close()
-    log = buf.getvalue().splitlines()
-    return {"pp": _stats(pp) if pp else None, "tg": _stats(tg) if tg else None,
-            "threads": threads[0], "threads_batch": threads[1],
-            "log": list(dict.fromkeys(ln.strip() for ln in log if _LOG_KEEP.search(ln)))}
-
-
 def _ratio(row: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
     if row[key] is None or base[key] is None:
         return None
@@ -238,7 +156,7 @@ def environment(opts: BenchOptions) -> dict[str, Any]:
         "cpu": hwinfo.cpu_model(), "gpus": hwinfo.gpu_names(),
         "n_gpu_layers": opts.n_gpu_layers,
         "flags": {"n_prompt": opts.n_prompt, "n_gen": opts.n_gen, "reps": opts.reps, "flash_attn": opts.flash_attn,
-                  **{k: v for k, v in _llama_kwargs(opts).items() if k.startswith("n_")}, "seed": opts.seed},
+                  **{k: v for k, v in llama_kwargs(opts).items() if k.startswith("n_")}, "seed": opts.seed},
     }
 
 
@@ -260,15 +178,14 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(opts),
     }
-    with contextlib.ExitStack() as stack:
-        path = Path(model)
+    path = Path(model)
+    with scratch_dir(path.parent, ".bench-") as scratch:
         budgets: tuple[float, ...] | None = opts.budgets
         if info.plans or all(b == 1 for b in opts.budgets):
             result["plans_source"] = "file" if info.plans else "none"
         else:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".bench-", dir=path.parent)))
             log("no stored plans: stamping uniform-split plans into a temporary copy")
-            path = tmp / path.name
+            path = scratch / path.name
             info = stamp_uniform_split(model, path, opts.budgets)
             result["plans_source"] = "uniform-split"
             budgets = None  # run every plan just stamped, even where the count rounds away from the fraction
@@ -284,12 +201,16 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
             row = {"name": config.name, "method": config.method, "alloc_t": config.alloc_t,
                    "budget": sum(counts) / info.full_budget, "budget_count": sum(counts), "counts": list(counts),
                    "kv_overrides": choice.kv_overrides(info), "bytes_per_token": used,
-                   "decode_limit": full_bytes / used, **measure(path, choice, opts, info)}
+                   "decode_limit": full_bytes / used,
+                   **measure_isolated(path, choice, opts, info, scratch, timeout=opts.timeout)}
+            if row["error"]:
+                log(f"  failed: {row['error']}")
             rows.append(row)
         for row in rows:
             row["speedup_pp"] = _ratio(row, rows[0], "pp")
             row["speedup_tg"] = _ratio(row, rows[0], "tg")
     result["threads"], result["threads_batch"] = rows[0]["threads"], rows[0]["threads_batch"]
+    result["failed"] = [r["name"] for r in rows if r["error"]]
     result["rows"] = rows
     return result
 
@@ -310,8 +231,9 @@ def markdown(result: dict[str, Any]) -> str:
             "decode limit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in result["rows"]:
+        speed = [_ts(r["pp"]), _ts(r["tg"])] if not r.get("error") else ["failed", "failed"]
         cells = [model, f"{r['budget']:.2f} ({r['budget_count']})", r["method"], "on" if r["alloc_t"] else "off",
-                 _ts(r["pp"]), _ts(r["tg"]), _x(r["speedup_pp"]), _x(r["speedup_tg"]), _x(r["decode_limit"])]
+                 *speed, _x(r["speedup_pp"]), _x(r["speedup_tg"]), _x(r["decode_limit"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -265,6 +265,8 @@ class _Run:
                 result = bench(self.gguf, opts, log=lambda message: bar.update(
                     task, description=message.removeprefix("measuring "), completed=next(finished)))
             atomic_write_json(self.out / "bench.json", result)
+            if result["failed"]:
+                self.say(f"warning: no speed for {', '.join(result['failed'])} (errors in bench.json)")
             self.say(f"{len(result['rows'])} configurations, backend {result['backend']}, "
                      f"threads {result['threads']}/{result['threads_batch']} -> bench.json")
         return result

@@ -64,3 +64,50 @@ def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
     except OSError as e:
         raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
     return data.decode("utf-8", errors="replace"), {"path": str(p), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
+    """A temporary folder ``parent/<prefix>XXXX`` removed on exit, SIGTERM included.
+
+    The folder records its owner's pid; folders of the same prefix whose owner is gone (a
+    run killed with SIGKILL, or a crash) are removed first, so big scratch copies never pile up.
+    """
+    import shutil
+    import signal
+    import threading
+
+    base = Path(parent)
+    for old in base.glob(f"{prefix}*"):
+        try:
+            pid = int((old / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    (folder / "owner.pid").write_text(str(os.getpid()))
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if main:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield folder
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(folder, ignore_errors=True)

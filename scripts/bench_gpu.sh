@@ -94,7 +94,7 @@ if has bench; then
     "$PY" -m allocmoe_edge doctor
     say "bench"
     "$PY" -m allocmoe_edge bench "$STAMPED" --budgets 1,0.75,0.5,0.25 --reps "${REPS:-3}" -p 512 -n 128 -ngl 99 \
-        --json "$JSON" | tee "$OUT/bench.md"
+        --timeout 150 --json "$JSON" | tee "$OUT/bench.md" || say "some configurations failed; their errors are in $JSON"
     # llama.cpp's lines on graph nodes/splits, offload, CUDA graphs and Alloc-T, per configuration
     "$PY" - "$JSON" <<'EOF' | tee "$OUT/runtime-log.txt"
 import json, sys

@@ -107,3 +107,54 @@ def test_gpu_script_synth_step_on_cpu(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     info = read_info(tmp_path / "work" / "dsv2lite-synth-q4_0-2l.uniform-split.gguf")
     assert info.architecture == "deepseek2" and [p.budget_count for p in info.plans] == [4, 3, 1]  # of 6
+
+
+@pytest.mark.runtime
+def test_failing_configuration_is_one_failed_row(patched_runtime, olmoe_1layer, tmp_path):
+    """A configuration whose load fails in the child process gives an error row; the parent goes on."""
+    from allocmoe_edge.bench import BenchOptions
+    from allocmoe_edge.bench_worker import measure_isolated
+    from allocmoe_edge.runtime import LoadChoice
+
+    opts = BenchOptions(budgets=(1.0,), reps=1, n_prompt=8, n_gen=2, threads=2)
+    info = read_info(olmoe_1layer)
+    bad = measure_isolated(olmoe_1layer, LoadChoice(plan_index=7), opts, info, tmp_path)
+    assert bad["pp"] is None and bad["tg"] is None
+    assert bad["error"].startswith("exit status 1") and "plan" in bad["error"]
+    good = measure_isolated(olmoe_1layer, LoadChoice(full_budget=True), opts, info, tmp_path)
+    assert good["error"] is None and good["pp"]["mean"] > 0 and good["tg"]["mean"] > 0
+
+
+def test_killed_child_is_reported(tmp_path, monkeypatch):
+    """A child that dies by a signal (as llama.cpp's abort does) is described by the signal's name."""
+    import signal as sig
+
+    from allocmoe_edge import bench_worker
+    from allocmoe_edge.bench import BenchOptions
+    from allocmoe_edge.runtime import LoadChoice
+
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/sh\necho 'ggml_abort: GGML_ASSERT(x) failed' >&2\nkill -ABRT $$\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(bench_worker.sys, "executable", str(script))
+    row = bench_worker.measure_isolated(tmp_path / "m.gguf", LoadChoice(full_budget=True), BenchOptions(), None,
+                                        tmp_path)
+    assert row["error"] == f"killed by {sig.SIGABRT.name}; ggml_abort: GGML_ASSERT(x) failed"
+    assert row["pp"] is None and "ggml_abort: GGML_ASSERT(x) failed" in row["log"]
+
+
+def test_scratch_dir_removes_stale_copies(tmp_path):
+    from allocmoe_edge.fsutil import scratch_dir
+
+    stale = tmp_path / ".bench-old"
+    stale.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (stale / "owner.pid").write_text(str(dead.pid))
+    live = tmp_path / ".bench-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    with scratch_dir(tmp_path, ".bench-") as scratch:
+        assert scratch.is_dir() and not stale.exists() and live.exists()
+        (scratch / "copy.gguf").write_bytes(b"x")
+    assert not scratch.exists()

@@ -23,14 +23,18 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[fl
               help="CPU threads (default: llama-cpp-python's choice).")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", default=0, show_default=True, help="Layers offloaded to the GPU.")
 @click.option("-fa", "--flash-attn", is_flag=True, help="Enable flash attention.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds allowed per configuration (load and all its tests); default: no limit.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full result here.")
 def command(model: str, budgets: tuple[float, ...], reps: int, n_prompt: int, n_gen: int, threads: int | None,
-            n_gpu_layers: int, flash_attn: bool, json_out: str | None) -> None:
+            n_gpu_layers: int, flash_attn: bool, timeout: float | None, json_out: str | None) -> None:
     """Measure MODEL's prompt (pp) and generation (tg) speed like llama-bench, for full budget,
     uniform top-k and every stored plan (Alloc-T on and off) at each budget, in one run.
 
     A file without plans gets "uniform-split" plans in a temporary copy. The decode limit
-    column is full-budget weight bytes per token divided by the row's.
+    column is full-budget weight bytes per token divided by the row's. Each configuration runs
+    in a child process: one that crashes is reported as failed (exit status 1 at the end) and
+    the others are still measured.
 
     Example: allocmoe bench model.gguf --budgets 1,0.5 -p 512 -n 128 --json bench.json
     """
@@ -38,7 +42,7 @@ def command(model: str, budgets: tuple[float, ...], reps: int, n_prompt: int, n_
     from ..fsutil import atomic_write_json
 
     opts = BenchOptions(budgets=budgets, reps=reps, n_prompt=n_prompt, n_gen=n_gen, threads=threads,
-                        n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+                        n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, timeout=timeout)
     result = bench(model, opts, log=lambda msg: click.echo(msg, err=True))
     click.echo(markdown(result))
     click.echo(f"\nbackend {result['backend']}, threads {result['threads']}, ngl {n_gpu_layers}, "
@@ -46,3 +50,6 @@ def command(model: str, budgets: tuple[float, ...], reps: int, n_prompt: int, n_
     if json_out:
         atomic_write_json(json_out, result)
         click.echo(f"wrote {json_out}")
+    if result["failed"]:
+        raise click.ClickException(f"{len(result['failed'])} configuration(s) failed: {', '.join(result['failed'])} "
+                                   "(their errors are in the JSON rows)")
