@@ -115,27 +115,73 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
                 "run it at full budget; run `allocmoe build-runtime` (or pass --allow-unpatched)")
         warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
         kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
+    if _alloc_t_on_gpu(info, kv, llama_kwargs.get("n_gpu_layers", 0)) and not os.environ.get(GPU_ALLOC_T_ENV):
+        warnings.warn(f"Alloc-T is off for GPU-offloaded layers: it aborted with a CUDA error on an H200 and is "
+                      f"unverified on GPUs; per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to try it)",
+                      stacklevel=2)
+        kv["allocmoe.token_k_max"] = 0
     llama_kwargs.setdefault("n_ctx", 512)
-    from llama_cpp import _logger
-
-    errors: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def keep_errors(level: int, text: bytes, user_data: Any) -> None:
-        # llama-cpp-python's logger hides error lines unless verbose (it maps ggml's ERROR level to
-        # DEBUG), so the loader's reason is kept here for the message
-        if level == 4:  # GGML_LOG_LEVEL_ERROR
-            errors.append(text.decode("utf-8", errors="replace").strip())
-        _logger.llama_log_callback(level, text, user_data)
-
-    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
+    _install_log()
+    _LOG.loading = []
     try:
         return llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
     except ValueError as e:
-        reason = errors[0].removeprefix("llama_model_load: ") if errors else str(e)
+        reason = _LOG.loading[0].removeprefix("llama_model_load: ") if _LOG.loading else str(e)
         raise AllocMoeError(f"llama.cpp could not load {path}: {reason}") from e
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        _LOG.loading = None
+
+
+GPU_ALLOC_T_ENV = "ALLOCMOE_GPU_ALLOC_T"
+
+
+def _alloc_t_on_gpu(info: ModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:
+    """Whether this load would run Alloc-T with layers on a GPU backend."""
+    if n_gpu_layers == 0 or kv.get("allocmoe.enabled") is False:
+        return False
+    k_max = kv.get("allocmoe.token_k_max", info.allocmoe.get("token_k_max", 0))
+    return bool(k_max) and bool(llama_cpp_module().llama_supports_gpu_offload())
+
+
+class _LogState:
+    """llama.cpp's error lines: kept for the message while a model loads, printed otherwise."""
+
+    def __init__(self) -> None:
+        self.loading: list[str] | None = None
+        self.callback: Any = None
+
+
+_LOG = _LogState()
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+def _install_log() -> None:
+    """Route llama.cpp's log through llama-cpp-python's logger, except error lines.
+
+    llama-cpp-python maps ggml's ERROR level to DEBUG, so without ``verbose`` it hides
+    the reason of a failed load and the text of a CUDA error before an abort. Error lines
+    are kept for the load error's message while loading, and written to stderr otherwise.
+    """
+    if _LOG.callback is not None:
+        return
+    import logging
+    import sys
+
+    llama_cpp = llama_cpp_module()
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        error = level == _GGML_LOG_LEVEL_ERROR
+        if error and _LOG.loading is not None:
+            _LOG.loading.append(text.decode("utf-8", errors="replace").strip())
+        if not error or _logger.logger.isEnabledFor(logging.DEBUG):
+            _logger.llama_log_callback(level, text, user_data)
+        elif _LOG.loading is None:
+            print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+    _LOG.callback = callback  # ctypes callbacks must outlive their registration
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def layer_counts(llm: Any) -> list[int]:

@@ -14,6 +14,9 @@ mkdir -p "$OUT"
 mkdir -p /tmp/allocmoe-site && echo "import llama_cpp" > /tmp/allocmoe-site/sitecustomize.py
 export PYTHONPATH=/tmp/allocmoe-site:$C/site ALLOCMOE_CACHE=$C/cache LLAMA_SRC=$C/llama.cpp PYTHONUNBUFFERED=1
 export LLAMA_CPP_LIB_PATH=${WORK:-/tmp/allocmoe-gpu}/build-cuda90/bin
+# Alloc-T is off on GPU layers by default (it aborted on the H200); this check runs it, each bench
+# row in its own process, so an abort costs one row and its CUDA error text lands in the JSON.
+export ALLOCMOE_GPU_ALLOC_T=1
 cd "$REPO"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 STEPS="build synth" bash scripts/bench_gpu.sh "$OUT" || exit 1

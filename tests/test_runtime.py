@@ -125,3 +125,39 @@ def test_stamp_inspect_run_cli(patched_runtime, tiny_gguf, tmp_path):
     assert info["expert_used_count"] == 3 and info["block_count"] == 3
     res = json.loads(run("run", str(tmp_path / "s.gguf"), "-p", "hello", "-n", "4", "--budget", "0.6667", "--json").stdout)
     assert res["layer_counts"] == [2, 2, 2]
+
+
+def test_alloc_t_is_off_on_gpu_layers_unless_asked(monkeypatch):
+    """Alloc-T aborted on CUDA: loads with GPU layers turn it off (token_k_max = 0) unless opted in."""
+    import types
+
+    from allocmoe_edge import runtime
+
+    gpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: True)
+    monkeypatch.setattr(runtime, "llama_cpp_module", lambda: gpu)
+    info = types.SimpleNamespace(allocmoe={"token_k_max": 4})
+    assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)
+    assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=-1)
+    assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=0)
+    assert not runtime._alloc_t_on_gpu(info, {"allocmoe.token_k_max": 0}, n_gpu_layers=99)
+    assert not runtime._alloc_t_on_gpu(info, {"allocmoe.enabled": False}, n_gpu_layers=99)
+    assert not runtime._alloc_t_on_gpu(types.SimpleNamespace(allocmoe={}), {}, n_gpu_layers=99)
+    cpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: False)
+    monkeypatch.setattr(runtime, "llama_cpp_module", lambda: cpu)
+    assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)
+
+
+@pytest.mark.runtime
+def test_error_lines_reach_stderr_outside_loads(patched_runtime, capfd):
+    """llama-cpp-python hides ggml ERROR lines (as DEBUG); a CUDA error's text must still show."""
+    from allocmoe_edge import runtime
+
+    runtime._install_log()
+    runtime._LOG.callback(4, b"CUDA error: an illegal memory access\n", None)
+    assert "CUDA error: an illegal memory access" in capfd.readouterr().err
+    runtime._LOG.loading = []
+    try:
+        runtime._LOG.callback(4, b"llama_model_load: bad plan\n", None)
+        assert runtime._LOG.loading == ["llama_model_load: bad plan"] and "bad plan" not in capfd.readouterr().err
+    finally:
+        runtime._LOG.loading = None
