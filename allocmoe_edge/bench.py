@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .bench_worker import llama_kwargs, measure_isolated
 from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE
-from .bench_worker import llama_kwargs, measure_isolated
 from .fsutil import scratch_dir
 from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
 
