@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # loaded and the patch's own messages (such as an Alloc-T fallback)
 _LOG_KEEP = ("splits = ", "CUDA graph", "offloaded ", "llama_allocmoe", "allocmoe: ", "validate_override")
 # lines that say why a child failed
-_LOG_FAIL = ("error", "Error", "ERROR", "failed", "GGML_ASSERT", "Traceback", "abort")
+_LOG_FAIL = ("error", "failed", "ggml_assert", "traceback", "abort")  # matched in lower case
 
 
 def _stats(samples: list[float]) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def measure_isolated(path: str | Path, choice: LoadChoice, opts: BenchOptions, i
     kept = [ln for ln in lines if any(k in ln for k in _LOG_KEEP)]
     if error is None:
         return {**json.loads(result.read_text()), "error": None, "log": list(dict.fromkeys(kept))}
-    why = [ln for ln in lines if any(k in ln for k in _LOG_FAIL)][-3:] or lines[-3:]
+    why = [ln for ln in lines if any(k in ln.lower() for k in _LOG_FAIL)][-3:] or lines[-3:]
     return {"pp": None, "tg": None, "threads": None, "threads_batch": None,
             "error": "; ".join([error, *why]), "log": list(dict.fromkeys(kept + lines[-12:]))}
 

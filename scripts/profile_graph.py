@@ -48,8 +48,8 @@ def profile(path: str, choice: LoadChoice, n_tokens: int, threads: int, reps: in
         last[0] = now
         return True
 
-    llm = load(path, choice, n_ctx=n_tokens, n_batch=n_tokens, n_ubatch=n_tokens, n_threads=threads,
-               n_threads_batch=threads)
+    # the model with the choice's overrides; its own context stays minimal, the profiled one is below
+    llm = load(path, choice, n_ctx=8, n_batch=8, n_ubatch=8)
     cb = llama_cpp.ggml_backend_sched_eval_callback(callback)
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = n_tokens
