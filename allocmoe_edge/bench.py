@@ -1,13 +1,37 @@
-"""Speed in llama-bench's style: pp / tg tokens/s per budget and method, with the physical limit.
+"""Speed in llama-bench's style, per budget and method: pp / tg tokens/s, latency, the physical limit.
 
-Every configuration runs in its own child process (`bench_worker`), so an abort inside
-llama.cpp costs that row only (marked with its error). The model is loaded once with the
-configuration's scalar kv_overrides, then: one
-warm-up prompt and one warm-up generated token, ``reps`` timed prompt runs (KV cache
-cleared, ``n_prompt`` random tokens in one llama_decode, n_batch = n_ubatch = n_prompt)
-and ``reps`` timed generation runs (KV cache cleared, ``n_gen`` tokens decoded one at a
-time); each run ends with llama_synchronize. The rows are those of `allocmoe eval`
-(`evaluate.gguf_configurations`), so quality and speed tables line up:
+Protocol. Every configuration runs in its own child process (`bench_worker`): it loads the
+model once with the configuration's scalar kv_overrides, warms up (one run of every prompt
+size and one generated token), then answers one request per timed repetition. The
+repetitions are **interleaved**: repetition 1 of every configuration, then repetition 2 of
+every configuration, and so on (``reps`` rounds, 5 by default), so drift on a noisy machine
+hits every row alike. A repetition runs every test once:
+
+* ``pp<n>`` for each prompt size n (``-p 512,2048``): n random tokens in one llama_decode
+  from an empty KV cache, one ubatch (one context per configuration with n_batch = n_ubatch =
+  the largest size, so each prompt is one ubatch of exactly its size), up to llama_synchronize;
+* ``tg<n>``: n tokens decoded one at a time from an empty cache, each followed by
+  llama_synchronize (as llama-bench does).
+
+Rows report mean ± sd over the repetitions. Speedups are over the full-budget row of the
+same run: ratio of means with sd(ratio) = ratio x sqrt(cv_row² + cv_full²); a speedup whose
+difference from 1.00x is within that sd is a tie (``tie`` in the JSON, "(tie)" in the table).
+
+An abort inside llama.cpp, an error or a ``timeout`` (seconds per configuration over the
+whole run) costs that configuration's row only (``error`` set, no numbers); the others go on.
+Each loaded configuration holds its own copy of what is not shared through the page cache
+(GPU-offloaded weights, CPU-repacked weights, KV cache); a configuration that does not fit
+in system memory beside the others, or beyond ``max_loaded``, is reloaded and warmed up for
+each repetition instead (``resident`` false).
+
+Latency (``latency``): time to first token for each prompt size, the wall time of the
+prompt's llama_decode + llama_synchronize + the greedy choice from the last position's
+logits (mean ± sd over repetitions, ms), and per-token decode latency, each generated
+token's llama_decode + llama_synchronize timed on its own: p50 / p90 / p99 over the tokens
+of all repetitions pooled (reps x n samples, linear interpolation), ms.
+
+The rows are those of `allocmoe eval` (`evaluate.gguf_configurations`), so quality and
+speed tables line up:
 
 * ``full``: full budget (allocmoe.enabled = false), the baseline of every speedup;
 * each stored plan near a requested budget, with Alloc-T as stored (method ``<m>+t``, when
@@ -20,28 +44,35 @@ A file without plans is benchmarked through a temporary copy holding "uniform-sp
 plans (Alloc-T enabled): the exact budget count spread evenly over the MoE layers, since a
 synthetic file has no sensitivity profile.
 
-The decode limit is the ratio of weight bytes read per generated token (full / row):
-all tensors except routed experts, of which each MoE layer reads k_l of n_expert (at
-T = 1 Alloc-T is exactly top-k_l), and one row of token_embd (all of it when it doubles
-as the output matrix). KV-cache traffic is not counted.
+Decode limits (T = 1, where Alloc-T is exactly top-k_l), ratios of bytes read per generated
+token, full budget / row; KV-cache traffic is not counted:
+
+* ``decode_limit``: all weights: every tensor except routed experts, of which each MoE
+  layer reads k_l of n_expert, and one row of token_embd (all of it when it doubles as the
+  output matrix);
+* ``decode_limit_cpu_experts`` (with ``cpu_moe`` / ``n_cpu_moe``): only the routed-expert
+  tensors kept in system memory. With GPU layers this is the one that applies: decode is
+  then bound by reading those experts, and the table shows it.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
-from .bench_worker import llama_kwargs, measure_isolated
+from .bench_worker import Worker, interleave
+from .benchstats import BASELINE, format_mean_sd, format_speedup, percentiles, speedup, summary
 from .errors import AllocMoeError
-from .evaluate import BUDGET_TOLERANCE
+from .evaluate import BUDGET_TOLERANCE, EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
 from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
 
 FORMAT = "allocmoe-bench"
-VERSION = 1
+VERSION = 2
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
 
 
@@ -50,34 +81,75 @@ class BenchOptions:
     """What a bench run measures; saved with its results."""
 
     budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
-    reps: int = 3
-    n_prompt: int = 512  # pp test: tokens in one llama_decode
-    n_gen: int = 128  # tg test: tokens decoded one at a time
+    reps: int = 5  # timed repetitions of every test, interleaved across configurations
+    prompts: tuple[int, ...] = (512,)  # pp tests: tokens in one llama_decode each (empty: no pp test)
+    n_gen: int = 128  # tg test: tokens decoded one at a time (0: no tg test)
+    latency: bool = False  # report time to first token and per-token latency percentiles
     threads: int | None = None  # None: llama-cpp-python's defaults
     n_gpu_layers: int = 0
+    cpu_moe: bool = False  # routed experts of every MoE block in system memory
+    n_cpu_moe: int = 0  # routed experts of the MoE blocks below this index in system memory
     flash_attn: bool = False
     seed: int = 0  # of the random prompt tokens
-    timeout: float | None = None  # seconds per configuration (load and all its tests)
+    timeout: float | None = None  # seconds per configuration (its loads and all its tests)
+    max_loaded: int | None = None  # configurations loaded at once (None: as many as system memory holds)
 
     def check(self) -> None:
+        """Raise AllocMoeError for options that cannot be measured."""
         if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
             raise AllocMoeError(f"budgets {list(self.budgets)} must be fractions in (0, 1]")
         if self.reps < 1:
-            raise AllocMoeError("--reps must be at least 1")
-        if self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
-            raise AllocMoeError("-p and -n must be >= 0 and not both 0")
+            raise AllocMoeError(f"--reps {self.reps}: at least 1 repetition is needed (5 or more for a useful sd)")
+        if any(n < 1 for n in self.prompts) or len(set(self.prompts)) < len(self.prompts):
+            raise AllocMoeError(f"-p {','.join(map(str, self.prompts))}: prompt sizes must be distinct and >= 1 "
+                                "(-p 0 alone skips the prompt tests)")
+        if self.n_gen < 0 or not (self.prompts or self.n_gen):
+            raise AllocMoeError("-n must be >= 0, and -p and -n cannot both be 0")
+        if self.latency and not (self.prompts and self.n_gen):
+            raise AllocMoeError("--latency needs prompt sizes (-p, for the time to first token) and -n > 0 "
+                                "(for the per-token latency)")
+        if self.n_cpu_moe < 0:
+            raise AllocMoeError(f"--n-cpu-moe {self.n_cpu_moe} must be >= 0")
+        if self.max_loaded is not None and self.max_loaded < 1:
+            raise AllocMoeError(f"--max-loaded {self.max_loaded} must be at least 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise AllocMoeError(f"--timeout {self.timeout} must be positive")
+
+    def test_names(self) -> list[str]:
+        """llama-bench's names of the tests, in the order they run: ``pp512``, ..., ``tg128``."""
+        return [f"pp{n}" for n in self.prompts] + ([f"tg{self.n_gen}"] if self.n_gen else [])
 
 
-def configurations(info: ModelInfo, budgets: tuple[float, ...] | None) -> list[Any]:
+def llama_kwargs(opts: BenchOptions) -> dict[str, Any]:
+    """`runtime.load` kwargs of every configuration: one context whose batch and ubatch hold the largest prompt.
+
+    ``cpu_moe`` / ``n_cpu_moe`` are passed only when set."""
+    n_batch = max(opts.prompts, default=1)
+    kw: dict[str, Any] = {"n_ctx": max(opts.prompts, default=0) + opts.n_gen, "n_batch": n_batch,
+                          "n_ubatch": n_batch, "n_gpu_layers": opts.n_gpu_layers, "flash_attn": opts.flash_attn}
+    if opts.threads:
+        kw["n_threads"] = kw["n_threads_batch"] = opts.threads
+    if opts.cpu_moe:
+        kw["cpu_moe"] = True
+    if opts.n_cpu_moe:
+        kw["n_cpu_moe"] = opts.n_cpu_moe
+    return kw
+
+
+def job(path: str | Path, config: EvalConfig, opts: BenchOptions) -> dict[str, Any]:
+    """The plain-JSON job a `bench_worker` child runs for ``config``."""
+    return {"name": config.name, "path": str(path), "choice": asdict(config.choice()), "llama": llama_kwargs(opts),
+            "prompts": list(opts.prompts), "n_gen": opts.n_gen, "seed": opts.seed}
+
+
+def configurations(info: ModelInfo, budgets: tuple[float, ...] | None) -> list[EvalConfig]:
     """The rows `allocmoe eval` makes for this file (`evaluate.gguf_configurations`), so the tables match;
     ``budgets`` None runs every stored plan."""
-    from .evaluate import gguf_configurations
-
     return gguf_configurations(info, None if budgets is None else list(budgets))
 
 
-def executed_counts(info: ModelInfo, config: Any) -> tuple[int, ...]:
-    """Experts per MoE layer that ``config`` (an `evaluate.EvalConfig`) runs for a single token."""
+def executed_counts(info: ModelInfo, config: EvalConfig) -> tuple[int, ...]:
+    """Experts per MoE layer that ``config`` runs for a single token."""
     if config.plan is not None:
         return tuple(info.plans[config.plan].counts[layer] for layer in info.moe_layers)
     return (config.k or info.expert_used_count,) * len(info.moe_layers)
@@ -130,19 +202,71 @@ class WeightTraffic:
                 fixed += int(t.n_bytes)
         return cls(fixed, per_expert)
 
+    def experts(self, counts: tuple[int, ...], blocks: Collection[int] | None = None) -> int:
+        """Routed-expert bytes per token when the MoE blocks (in order) use ``counts`` experts,
+        counting only ``blocks`` when given (such as those whose experts are in system memory)."""
+        return sum(k * size for (block, size), k in zip(self.per_expert.items(), counts)
+                   if blocks is None or block in blocks)
+
     def per_token(self, counts: tuple[int, ...]) -> int:
-        """Bytes per token when the MoE blocks (in order) use ``counts`` experts."""
-        return self.fixed + sum(k * b for k, b in zip(counts, self.per_expert.values()))
+        """All weight bytes per token when the MoE blocks (in order) use ``counts`` experts."""
+        return self.fixed + self.experts(counts)
 
 
-def _ratio(row: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
-    if row[key] is None or base[key] is None:
-        return None
-    return row[key]["mean"] / base[key]["mean"]
+def decode_limits(traffic: WeightTraffic, full: tuple[int, ...], counts: tuple[int, ...],
+                  cpu_blocks: Collection[int]) -> dict[str, Any]:
+    """Bytes per token at ``counts`` and the decode limits against ``full`` (see the module docstring);
+    the CPU-expert fields are None when no block keeps its experts in system memory."""
+    used = traffic.per_token(counts)
+    limits: dict[str, Any] = {"bytes_per_token": used, "decode_limit": traffic.per_token(full) / used,
+                              "cpu_expert_bytes_per_token": None, "decode_limit_cpu_experts": None}
+    if cpu_blocks:
+        cpu_used = traffic.experts(counts, cpu_blocks)
+        limits.update(cpu_expert_bytes_per_token=cpu_used,
+                      decode_limit_cpu_experts=traffic.experts(full, cpu_blocks) / cpu_used)
+    return limits
+
+
+def placement(info: ModelInfo, traffic: WeightTraffic, opts: BenchOptions) -> dict[str, Any]:
+    """Where the weights are: GPU layers, the MoE blocks whose routed experts stay in system memory
+    and their bytes, and which decode limit applies (``limit``: the JSON field the table shows)."""
+    from .runtime import cpu_expert_blocks
+
+    blocks = cpu_expert_blocks(info, opts.cpu_moe, opts.n_cpu_moe)
+    hybrid = bool(blocks) and opts.n_gpu_layers > 0
+    return {"n_gpu_layers": opts.n_gpu_layers, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
+            "cpu_expert_blocks": blocks, "cpu_expert_bytes": sum(traffic.per_expert[b] * info.expert_count
+                                                                 for b in blocks),
+            "limit": "decode_limit_cpu_experts" if hybrid else "decode_limit"}
+
+
+def measurements(replies: list[dict[str, Any]], opts: BenchOptions) -> dict[str, Any]:
+    """A row's ``tests`` (tokens/s per repetition, mean ± sd) and ``latency`` (None without
+    ``opts.latency``) from its child's replies, one per repetition."""
+    tests = {f"pp{n}": {"n_prompt": n, "n_gen": 0, **summary([n / r["prompt"][str(n)]["decode_s"] for r in replies])}
+             for n in opts.prompts}
+    if opts.n_gen:
+        tests[f"tg{opts.n_gen}"] = {"n_prompt": 0, "n_gen": opts.n_gen,
+                                    **summary([opts.n_gen / r["gen"]["total_s"] for r in replies])}
+    latency = None
+    if opts.latency:
+        latency = {"ttft_ms": {str(n): summary([1000 * r["prompt"][str(n)]["first_token_s"] for r in replies])
+                               for n in opts.prompts},
+                   "token_ms": percentiles([1000 * s for r in replies for s in r["gen"]["token_s"]])}
+    return {"tests": tests, "latency": latency}
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Set every test's ``speedup`` against the first row (full budget) of the same run; None
+    where either row failed."""
+    base = rows[0]["tests"]
+    for row in rows:
+        for name, test in (row["tests"] or {}).items():
+            test["speedup"] = None if base is None else dict(BASELINE) if row is rows[0] else speedup(test, base[name])
 
 
 def environment(opts: BenchOptions) -> dict[str, Any]:
-    """Commit, patch hash, runtime and hardware: what a speed number must carry."""
+    """Commit, patch hash, runtime, hardware and flags: what a speed number must carry."""
     from . import hwinfo
     from .build_runtime import patch_hash
     from .runtime import doctor
@@ -155,13 +279,42 @@ def environment(opts: BenchOptions) -> dict[str, Any]:
         "backend": hwinfo.backend(report), "system_info": report.get("system_info"),
         "cpu": hwinfo.cpu_model(), "gpus": hwinfo.gpu_names(),
         "n_gpu_layers": opts.n_gpu_layers,
-        "flags": {"n_prompt": opts.n_prompt, "n_gen": opts.n_gen, "reps": opts.reps, "flash_attn": opts.flash_attn,
-                  **{k: v for k, v in llama_kwargs(opts).items() if k.startswith("n_")}, "seed": opts.seed},
+        "flags": {**llama_kwargs(opts), "prompts": list(opts.prompts), "n_gen": opts.n_gen, "reps": opts.reps,
+                  "latency": opts.latency, "seed": opts.seed, "order": "interleaved"},
     }
 
 
-def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Benchmark every configuration of ``model`` at ``opts.budgets`` in one run; returns the JSON result."""
+def _row(info: ModelInfo, config: EvalConfig, counts: tuple[int, ...], limits: dict[str, Any], worker: Worker,
+         opts: BenchOptions) -> dict[str, Any]:
+    """One configuration's JSON row: what it runs, its decode ``limits`` and what its child measured
+    (speedups are added once every row is known)."""
+    log, error = worker.log_lines()
+    ready = worker.ready or {}
+    return {"name": config.name, "method": config.method, "alloc_t": config.alloc_t,
+            "budget": sum(counts) / info.full_budget, "budget_count": sum(counts), "counts": list(counts),
+            "kv_overrides": config.choice().kv_overrides(info), **limits,
+            **(measurements(worker.replies, opts) if error is None else {"tests": None, "latency": None}),
+            "threads": ready.get("threads"), "threads_batch": ready.get("threads_batch"),
+            "resident": worker.resident, "error": error, "log": log}
+
+
+def _plans_to_run(model: str | Path, info: ModelInfo, opts: BenchOptions, scratch: Path,
+                  log: Callable[[str], None]) -> tuple[Path, ModelInfo, tuple[float, ...] | None, str]:
+    """The file to run, its metadata, the budgets to pick plans by (None: every plan) and where the
+    plans come from; a file without plans gets uniform-split plans in a copy in ``scratch``."""
+    if info.plans or all(b == 1 for b in opts.budgets):
+        return Path(model), info, opts.budgets, "file" if info.plans else "none"
+    log("no stored plans: stamping uniform-split plans into a temporary copy")
+    path = scratch / Path(model).name
+    # every plan just stamped runs, even where its count rounds away from the fraction
+    return path, stamp_uniform_split(model, path, opts.budgets), None, "uniform-split"
+
+
+def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = print,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Benchmark every configuration of ``model`` at ``opts.budgets`` in one run; returns the JSON result.
+
+    ``progress(configuration, done, total)`` follows each of the configurations x reps repetitions."""
     from .runtime import patch_version
     from .synth import is_synthetic
 
@@ -175,67 +328,102 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
     result: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "model": str(model), "architecture": info.architecture,
         "synthetic": is_synthetic(info), "full_budget": info.full_budget, "options": asdict(opts),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tests": opts.test_names(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(opts),
     }
-    path = Path(model)
-    with scratch_dir(path.parent, ".bench-") as scratch:
-        budgets: tuple[float, ...] | None = opts.budgets
-        if info.plans or all(b == 1 for b in opts.budgets):
-            result["plans_source"] = "file" if info.plans else "none"
-        else:
-            log("no stored plans: stamping uniform-split plans into a temporary copy")
-            path = scratch / path.name
-            info = stamp_uniform_split(model, path, opts.budgets)
-            result["plans_source"] = "uniform-split"
-            budgets = None  # run every plan just stamped, even where the count rounds away from the fraction
+    with scratch_dir(Path(model).parent, ".bench-") as scratch:
+        path, info, budgets, result["plans_source"] = _plans_to_run(model, info, opts, scratch, log)
         traffic = WeightTraffic.of(path, info)
-        full_bytes = traffic.per_token((info.expert_used_count,) * len(info.moe_layers))
-        result["bytes_per_token_full"] = full_bytes
-        rows: list[dict[str, Any]] = []
-        for config in configurations(info, budgets):
-            log(f"measuring {config.name}")
+        result["placement"] = placement(info, traffic, opts)
+        cpu_blocks = result["placement"]["cpu_expert_blocks"]
+        full = (info.expert_used_count,) * len(info.moe_layers)
+        result["bytes_per_token_full"] = traffic.per_token(full)
+        result["cpu_expert_bytes_per_token_full"] = traffic.experts(full, cpu_blocks) if cpu_blocks else None
+        configs = configurations(info, budgets)
+        workers = [Worker(job(path, c, opts), scratch / f"config-{i}.log", opts.timeout) for i, c in enumerate(configs)]
+        done, total = itertools.count(1), len(workers) * opts.reps
+
+        def step(worker: Worker, rep: int) -> None:
+            if progress is not None:
+                progress(worker.name, next(done), total)
+
+        interleave(workers, opts.reps, max_loaded=opts.max_loaded, log=log, on_step=step)
+        rows = []
+        for config, worker in zip(configs, workers):
             counts = executed_counts(info, config)
-            used = traffic.per_token(counts)
-            choice = config.choice()
-            row = {"name": config.name, "method": config.method, "alloc_t": config.alloc_t,
-                   "budget": sum(counts) / info.full_budget, "budget_count": sum(counts), "counts": list(counts),
-                   "kv_overrides": choice.kv_overrides(info), "bytes_per_token": used,
-                   "decode_limit": full_bytes / used,
-                   **measure_isolated(path, choice, opts, info, scratch, timeout=opts.timeout)}
-            if row["error"]:
-                log(f"  failed: {row['error']}")
-            rows.append(row)
-        for row in rows:
-            row["speedup_pp"] = _ratio(row, rows[0], "pp")
-            row["speedup_tg"] = _ratio(row, rows[0], "tg")
-    result["threads"], result["threads_batch"] = rows[0]["threads"], rows[0]["threads_batch"]
+            rows.append(_row(info, config, counts, decode_limits(traffic, full, counts, cpu_blocks), worker, opts))
+    add_speedups(rows)
+    ready = next((w.ready for w in workers if w.ready), {})
+    result["threads"], result["threads_batch"] = ready.get("threads"), ready.get("threads_batch")
     result["failed"] = [r["name"] for r in rows if r["error"]]
     result["rows"] = rows
     return result
 
 
-def _ts(stats: dict[str, Any] | None) -> str:
-    return "-" if stats is None else f"{stats['mean']:.2f} ± {stats['sd']:.2f}"
+def headline(row: dict[str, Any]) -> dict[str, float | None]:
+    """Tokens/s and speedup of a row's first pp test and of its tg test (what the demo table and
+    the frontier plot show): ``pp_ts``, ``tg_ts``, ``speedup_pp``, ``speedup_tg``; None where missing."""
+    out: dict[str, float | None] = {}
+    for kind in ("pp", "tg"):
+        test = next((t for name, t in (row.get("tests") or {}).items() if name.startswith(kind)), None)
+        out[f"{kind}_ts"] = test["mean"] if test else None
+        out[f"speedup_{kind}"] = test["speedup"]["ratio"] if test and test.get("speedup") else None
+    return out
 
 
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return "\n".join([line(head), "|" + "|".join("---" for _ in head) + "|", *map(line, rows)])
+
+
+def _config_cells(result: dict[str, Any], row: dict[str, Any]) -> list[str]:
+    """The cells naming a row: model, budget, method, Alloc-T."""
+    return [Path(result["model"]).name, f"{row['budget']:.2f} ({row['budget_count']})", row["method"],
+            "on" if row["alloc_t"] else "off"]
+
+
+def speed_table(result: dict[str, Any]) -> str:
+    """Tokens/s (mean ± sd) of every test, speedups over full budget ("(tie)" within the noise) and
+    the decode limit that applies (all weights, or the CPU-resident experts in a hybrid set-up)."""
+    tests, limit = result["tests"], result["placement"]["limit"]
+    head = ["model", "budget", "method", "alloc-t", *(f"{t} t/s" for t in tests), *(f"speedup {t}" for t in tests),
+            "decode limit (CPU experts)" if limit == "decode_limit_cpu_experts" else "decode limit"]
+    rows = []
+    for r in result["rows"]:
+        measured = r["tests"] or {}
+        speed = [format_mean_sd(measured[t]) if measured else "failed" for t in tests]
+        rows.append([*_config_cells(result, r), *speed, *(format_speedup(measured.get(t, {}).get("speedup"))
+                                                           for t in tests), f"{r[limit]:.2f}x"])
+    return _table(head, rows)
+
+
+def latency_table(result: dict[str, Any]) -> str:
+    """Time to first token per prompt size (mean ± sd, ms) and per-token decode latency percentiles (ms)."""
+    prompts = result["options"]["prompts"]
+    head = ["model", "budget", "method", "alloc-t", *(f"TTFT {n} ms" for n in prompts), "token p50 ms",
+            "token p90 ms", "token p99 ms"]
+    rows = []
+    for r in result["rows"]:
+        lat = r["latency"]
+        if lat is None:
+            cells = ["failed"] * (len(prompts) + 3)
+        else:
+            cells = [*(format_mean_sd(lat["ttft_ms"][str(n)], 1) for n in prompts),
+                     *(f"{lat['token_ms'][p]:.2f}" for p in ("p50", "p90", "p99"))]
+        rows.append([*_config_cells(result, r), *cells])
+    return _table(head, rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The result as a markdown table, one row per configuration (llama-bench's t/s ± sd)."""
-    p, n = result["options"]["n_prompt"], result["options"]["n_gen"]
-    model = Path(result["model"]).name
-    head = ["model", "budget", "method", "alloc-t", f"pp{p} t/s", f"tg{n} t/s", "speedup pp", "speedup tg",
-            "decode limit"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in result["rows"]:
-        speed = [_ts(r["pp"]), _ts(r["tg"])] if not r.get("error") else ["failed", "failed"]
-        cells = [model, f"{r['budget']:.2f} ({r['budget_count']})", r["method"], "on" if r["alloc_t"] else "off",
-                 *speed, _x(r["speedup_pp"]), _x(r["speedup_tg"]), _x(r["decode_limit"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The speed table and, for a ``--latency`` run, the latency table."""
+    tables = [speed_table(result)]
+    if result["options"]["latency"]:
+        tables.append(latency_table(result))
+    return "\n\n".join(tables)
 
 
 def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], output: str | Path,
@@ -260,7 +448,7 @@ def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], out
         match = next((b for b in bench_result.get("rows", [])
                       if b["method"] == e.get("method") and bool(b["alloc_t"]) == bool(e.get("alloc_t"))
                       and abs(b["budget"] - float(e.get("budget", -1))) <= BUDGET_TOLERANCE), None)
-        x = match and match.get(f"speedup_{speed}")
+        x = match and headline(match)[f"speedup_{speed}"]
         if x is None or e.get("kld_mean") is None:
             continue
         series.setdefault(str(e["method"]), []).append((x, float(e["kld_mean"]), float(e["budget"])))

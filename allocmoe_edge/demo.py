@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import itertools
 import os
 import sys
 import time
@@ -252,18 +251,15 @@ class _Run:
         return result
 
     def bench(self) -> dict[str, Any]:
-        from .bench import BenchOptions, bench, configurations
-        from .gguf_meta import read_info
+        from .bench import BenchOptions, bench
 
         s = self.settings
-        opts = BenchOptions(budgets=BUDGETS, reps=s.reps, n_prompt=s.n_prompt, n_gen=s.n_gen)
+        opts = BenchOptions(budgets=BUDGETS, reps=s.reps, prompts=(s.n_prompt,), n_gen=s.n_gen)
         with self.step("bench", f"pp{s.n_prompt} / tg{s.n_gen} tokens/s, {s.reps} repetition(s), same configurations"):
-            total = len(configurations(read_info(self.gguf), BUDGETS))
             with self.progress() as bar:
-                task = bar.add_task("loading", total=total)
-                finished = itertools.count()  # bench logs "measuring <config>" as each configuration starts
-                result = bench(self.gguf, opts, log=lambda message: bar.update(
-                    task, description=message.removeprefix("measuring "), completed=next(finished)))
+                task = bar.add_task("loading", total=None)
+                result = bench(self.gguf, opts, log=lambda message: None, progress=lambda name, done, total:
+                               bar.update(task, description=name, completed=done, total=total))
             atomic_write_json(self.out / "bench.json", result)
             if result["failed"]:
                 self.say(f"warning: no speed for {', '.join(result['failed'])} (errors in bench.json)")
@@ -326,6 +322,7 @@ def combined_rows(gguf: Path, eval_result: dict[str, Any], bench_result: dict[st
 
     ``budget_count`` is a plan's budget, or the activations of a full-budget / uniform row.
     """
+    from .bench import headline
     from .evaluate import gguf_configurations
     from .gguf_meta import read_info
 
@@ -342,8 +339,7 @@ def combined_rows(gguf: Path, eval_result: dict[str, Any], bench_result: dict[st
             "budget": plan.budget if plan else count / info.full_budget, "budget_count": count,
             "activations_per_token": e["activations_per_token"], "ppl": e["ppl"], "kld_mean": e["kld_mean"],
             "kld_p99": e["kld_p99"], "top1": e["top1"],
-            "pp_ts": (b.get("pp") or {}).get("mean"), "tg_ts": (b.get("tg") or {}).get("mean"),
-            "speedup_pp": b.get("speedup_pp"), "speedup_tg": b.get("speedup_tg"), "decode_limit": b.get("decode_limit"),
+            **headline(b), "decode_limit": b.get("decode_limit"),
         })
     return rows
 
@@ -354,7 +350,7 @@ def markdown(rows: list[dict[str, Any]], bench_options: dict[str, Any]) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    p, n = bench_options["n_prompt"], bench_options["n_gen"]
+    p, n = bench_options["prompts"][0], bench_options["n_gen"]
     head = ["config", "budget", "act/token", "PPL", "KLD mean", "KLD p99", "top-1 %", f"pp{p} t/s", f"tg{n} t/s",
             "speedup pp", "speedup tg", "decode limit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---:" + "|---:" * (len(head) - 2) + "|"]
