@@ -1,9 +1,9 @@
 """Read the executed MoE graph through llama.cpp's eval callback.
 
-For one decode of a token group (one ubatch) this reports, per MoE layer, how many
-(token, expert) activations the expert matmuls ran (the shape of the ids tensor that
-``mul_mat_id`` consumes, named ``ffn_moe_topk-<il>``) and, under Alloc-T, how many experts
-each token kept (from the 0/1 mask ``ffn_moe_alloct_mask-<il>``).
+For one decode of a token group (one ubatch) this reports, per MoE layer, the ids tensor that
+``mul_mat_id`` consumes (``ffn_moe_topk-<il>``, I32 [k, columns]: its size is the number of
+(token, expert) activations the expert matmuls ran) and, under Alloc-T, how many experts each
+token kept (from the 0/1 mask ``ffn_moe_alloct_mask-<il>``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -39,11 +39,19 @@ def _ggml_base() -> Any:
     return lib
 
 
+def _read_i32_2d(ggml: Any, t: int, head: _TensorHead) -> np.ndarray:
+    """A (possibly strided) 2-D I32 tensor as [ne1, ne0] (one row per ids column)."""
+    raw = np.empty(ggml.ggml_nbytes(t), dtype=np.uint8)
+    ggml.ggml_backend_tensor_get(t, raw.ctypes.data, 0, raw.nbytes)
+    shape, strides = (int(head.ne[1]), int(head.ne[0])), (int(head.nb[1]), int(head.nb[0]))
+    return np.lib.stride_tricks.as_strided(raw.view(np.int32), shape=shape, strides=strides).copy()
+
+
 def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str, Any]], np.ndarray]:
     """Decode ``tokens`` as one ubatch (logits for every position) in a fresh context on ``llm``'s
-    model. Returns, per MoE layer, ``{"pairs": executed activations, "per_token": experts kept per
-    token under Alloc-T, else None}``, and the logits [n_tokens, n_vocab]."""
-    llama_cpp = llama_cpp_module()
+    model. Returns, per MoE layer, ``{"pairs": executed activations, "ids": the mul_mat_id ids as
+    [columns, k] int32, "per_token": experts kept per token under Alloc-T, else None}``, and the
+    logits [n_tokens, n_vocab]."""
     ggml = _ggml_base()
     seen: dict[int, dict[str, Any]] = {}
 
@@ -53,16 +61,48 @@ def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str
         if ask:
             return m is not None
         if m:
-            layer = seen.setdefault(int(m.group(2)), {"pairs": None, "per_token": None})
+            layer = seen.setdefault(int(m.group(2)), {"pairs": None, "ids": None, "per_token": None})
             head = _TensorHead.from_address(t)
             if m.group(1) == "ffn_moe_topk":
                 layer["pairs"] = int(head.ne[0] * head.ne[1] * head.ne[2] * head.ne[3])
+                layer["ids"] = _read_i32_2d(ggml, t, head)
             else:
                 buf = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
                 ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
                 layer["per_token"] = buf.reshape(int(head.ne[2]), int(head.ne[1])).sum(axis=1).astype(int).tolist()
         return True
 
+    logits = _decode(llm, tokens, callback)
+    return dict(sorted(seen.items())), logits
+
+
+# ops that only re-describe memory: no kernel runs for them on a GPU
+_VIEW_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+
+
+def kernel_nodes(llm: Any, tokens: Sequence[int]) -> dict[str, int]:
+    """Graph nodes that compute something (views left out) in one decode of ``tokens``, by op:
+    an upper bound on the kernels a GPU launches for it before fusion."""
+    ggml = _ggml_base()
+    ggml.ggml_op_desc.restype = ctypes.c_char_p
+    ggml.ggml_op_desc.argtypes = [ctypes.c_void_p]
+    counts: dict[str, int] = {}
+
+    def callback(t: int, ask: bool, _: Any) -> bool:
+        if ask:
+            op = ggml.ggml_op_desc(t).decode()
+            if op not in _VIEW_OPS:
+                counts[op] = counts.get(op, 0) + 1
+        return False
+
+    _decode(llm, tokens, callback)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _decode(llm: Any, tokens: Sequence[int], callback: Callable[[int, bool, Any], bool]) -> np.ndarray:
+    """Decode ``tokens`` as one ubatch in a fresh context on ``llm``'s model with ``callback`` as the
+    scheduler's eval callback; return the logits of every position [n_tokens, n_vocab]."""
+    llama_cpp = llama_cpp_module()
     cb = llama_cpp.ggml_backend_sched_eval_callback(callback)
     n = len(tokens)
     params = llama_cpp.llama_context_default_params()
@@ -89,4 +129,4 @@ def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
-    return dict(sorted(seen.items())), logits
+    return logits

@@ -3,6 +3,8 @@ token group (one ubatch): logits, executed activations per layer, per-token coun
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,52 @@ def test_alloc_t_matches_torch_reference(patched_runtime, tiny_gguf, tmp_path, a
             continue
         assert a["per_token"] is not None and sum(a["per_token"]) == T * k
         assert all(1 <= c <= k_max for c in a["per_token"]), a["per_token"]
+
+
+# arch -> (two plans of per-MoE-layer counts, k_max) for the ids-packing check
+PACKING = {
+    "mixtral": (([2, 1, 2], [2, 2, 2]), 3),
+    "qwen3_moe": (([2, 1, 2], [3, 2, 3]), 4),
+    "deepseek_v3": (([2, 1, 2], [2, 2, 1]), 3),
+}
+
+
+@pytest.mark.parametrize("T", [8, 64, 512])
+@pytest.mark.parametrize("arch", sorted(PACKING))
+def test_alloc_t_ids_columns_hold_distinct_experts(patched_runtime, tiny_gguf, tmp_path, arch, T):
+    """CUDA's batched mul_mat_id assumes no ids column names an expert twice; Alloc-T packs its
+    kept pairs of many tokens into each column, so it must keep every column's experts distinct."""
+    _, path = tiny_gguf(arch)
+    info = read_info(path)
+    plans, k_max = PACKING[arch]
+    stamped = stamp(path, tmp_path / "t.gguf", [plan_for_counts(info, c) for c in plans], k_min=1, k_max=k_max)
+    tokens = tokens_for(50000, n=T, seed=T)
+    for index, counts in enumerate(plans):
+        acts, _ = moe_activations(load_for_test(tmp_path / "t.gguf", LoadChoice(plan_index=index), n_ctx=T), tokens)
+        alloc_t_layers = [a for a in acts.values() if a["per_token"] is not None]
+        assert len(alloc_t_layers) == sum(k > 1 for k in counts)  # every layer above k_min runs Alloc-T
+        for layer, a in acts.items():
+            ids = a["ids"]
+            assert ids.shape == (T, stamped.plans[index].counts[layer]), (layer, ids.shape)
+            repeats = [c.tolist() for c in ids if len(set(c.tolist())) < len(c)]
+            assert not repeats, f"{arch} T={T} plan {counts} layer {layer}: {len(repeats)} columns repeat an expert"
+
+
+def test_alloc_t_fits_its_node_budget(patched_runtime, tiny_gguf, tmp_path, capfd):
+    """Patch 0002 raises llama.cpp's graph node budget for files with Alloc-T; the nodes Alloc-T adds
+    to the pp graph (llama.cpp's own count at context creation) must fit in what it adds."""
+    path = _mixtral_plan(tiny_gguf, tmp_path, [2, 2, 2], k_min=1, k_max=3)  # Alloc-T in all 3 layers
+    counted = {}
+    for k_max in (None, 0):
+        capfd.readouterr()
+        load_for_test(path, LoadChoice(token_k_max=k_max), verbose=True, n_ctx=64, n_batch=64, n_ubatch=64).close()
+        log = capfd.readouterr().err
+        nodes, budget = re.search(r"nodes = (\d+)", log), re.search(r"max_nodes = (\d+)", log)
+        assert nodes and budget, log[-2000:]
+        counted[k_max] = (int(nodes.group(1)), int(budget.group(1)))
+    added_nodes = counted[None][0] - counted[0][0]
+    added_budget = counted[None][1] - counted[0][1]
+    assert 0 < added_nodes <= added_budget, (counted, added_nodes / 3)
 
 
 def test_k_max_equal_to_counts_is_plain_top_k_bitwise(patched_runtime, tiny_gguf, tmp_path):
