@@ -1,8 +1,9 @@
 """Build the patched llama-cpp-python: pinned sdist + our patch series -> cached wheel -> install.
 
 Steps: download the pinned sdist with pip and verify its sha256; unpack it into a scratch
-folder; apply ``patches/NNNN-*.patch`` in order (each dry-run first; any failure names the
-patch and file and discards the scratch tree, so nothing is half-applied); build a wheel
+folder; apply ``patches/NNNN-*.patch`` to its llama.cpp and ``patches/bindings/NNNN-*.patch``
+to its Python bindings, in order (each dry-run first; any failure names the patch and file
+and discards the scratch tree, so nothing is half-applied); build a wheel
 with scikit-build-core; cache the wheel under a key made of the sdist hash, the patch
 contents and the build flags; install it. A warm cache makes the whole thing take seconds.
 The unpacked pristine sdist also provides llama.cpp's converter and gguf-py (`vendor_dir`).
@@ -30,6 +31,7 @@ SDIST_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+BINDINGS_PATCH_DIR = PATCH_DIR / "bindings"  # against the sdist root (llama_cpp/*.py)
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLOCMOE_CACHE") or Path.home() / ".cache" / "allocmoe-edge")
 
 
-def patch_files() -> list[Path]:
-    """The numbered patch series, in order."""
-    patches = sorted(PATCH_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+def patch_files(folder: Path | None = None) -> list[Path]:
+    """The numbered patch series in ``folder`` (default: llama.cpp's, ``PATCH_DIR``), in order."""
+    folder = folder or PATCH_DIR
+    patches = sorted(folder.glob("[0-9][0-9][0-9][0-9]-*.patch"))
     if not patches:
-        raise AllocMoeError(f"no patches found in {PATCH_DIR}")
+        raise AllocMoeError(f"no patches found in {folder}")
     return patches
 
 
+def all_patch_files() -> list[Path]:
+    """The llama.cpp series, then the bindings series."""
+    return patch_files() + patch_files(BINDINGS_PATCH_DIR)
+
+
 def patch_hash() -> str:
-    """sha256 over the names and contents of the patch series."""
+    """sha256 over the paths (relative to ``PATCH_DIR``) and contents of both patch series."""
     h = hashlib.sha256()
-    for p in patch_files():
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for p in all_patch_files():
+        h.update(p.relative_to(PATCH_DIR).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -155,17 +163,27 @@ def vendor_dir(log=print) -> Path:
     return tree
 
 
-def apply_patches(llama_dir: Path, log=print) -> None:
-    """Apply the series to ``llama_dir``, each patch dry-run first; raise naming the failing patch."""
-    for patch in patch_files():
-        check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=llama_dir,
+def _apply_series(patches: list[Path], root: Path, target: str, log=print) -> None:
+    """Apply ``patches`` at ``root``, each dry-run first; raise naming the failing patch and file."""
+    for patch in patches:
+        check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=root,
                                capture_output=True, text=True)
         if check.returncode != 0:
             failing = re.findall(r"patch failed: ([^:\s]+)", check.stderr) or re.findall(r"error: ([^:\s]+):", check.stderr)
             where = f" (failing file: {failing[0]})" if failing else ""
-            raise AllocMoeError(f"patch {patch.name} does not apply to the pinned llama.cpp{where}:\n{check.stderr.strip()[-1500:]}")
-        subprocess.run(["git", "apply", str(patch)], cwd=llama_dir, check=True, capture_output=True)
+            raise AllocMoeError(f"patch {patch.name} does not apply to {target}{where}:\n{check.stderr.strip()[-1500:]}")
+        subprocess.run(["git", "apply", str(patch)], cwd=root, check=True, capture_output=True)
         log(f"applied {patch.name}")
+
+
+def apply_patches(llama_dir: Path, log=print) -> None:
+    """Apply the llama.cpp series to ``llama_dir`` (the sdist's vendor/llama.cpp)."""
+    _apply_series(patch_files(), llama_dir, "the pinned llama.cpp", log)
+
+
+def apply_bindings_patches(sdist_root: Path, log=print) -> None:
+    """Apply the bindings series at ``sdist_root`` (the unpacked sdist: it patches llama_cpp/*.py)."""
+    _apply_series(patch_files(BINDINGS_PATCH_DIR), sdist_root, "the pinned llama-cpp-python bindings", log)
 
 
 def build_wheel(opts: BuildOptions, log=print) -> Path:
@@ -181,6 +199,7 @@ def build_wheel(opts: BuildOptions, log=print) -> Path:
     try:
         src = _unpack(sdist, work)
         apply_patches(src / "vendor" / "llama.cpp", log)
+        apply_bindings_patches(src, log)
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(opts.cmake_args())
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
@@ -198,7 +217,7 @@ def build_wheel(opts: BuildOptions, log=print) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=wheel_dir.parent))
         shutil.copy2(built[0], staging / built[0].name)
         meta = {"key": key, "sdist_sha256": SDIST_SHA256, "patch_sha256": patch_hash(),
-                "patches": [p.name for p in patch_files()], "options": asdict(opts),
+                "patches": [p.relative_to(PATCH_DIR).as_posix() for p in all_patch_files()], "options": asdict(opts),
                 "cmake_args": opts.cmake_args()}
         (staging / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(staging, wheel_dir)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Lay out `.carry/` for the GPU machine (which has no network): the patched llama.cpp tree
 (build inputs only), llama.cpp's converter and GPT-2 vocab in the cache layout `vendor_dir()`
-expects, and the pure-Python packages that machine lacks (llama_cpp bindings, gguf, diskcache).
+expects, and the pure-Python packages that machine lacks (llama_cpp bindings with
+`patches/bindings` applied, gguf, diskcache).
 Then run `scripts/gpu_check.sh` there with `.carry` carried."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from allocmoe_edge.build_runtime import SDIST_VERSION, _unpack, apply_patches, fetch_sdist, vendor_dir  # noqa: E402
+from allocmoe_edge.build_runtime import (  # noqa: E402
+    SDIST_VERSION, _unpack, apply_bindings_patches, apply_patches, fetch_sdist, vendor_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / ".carry"
@@ -31,6 +33,7 @@ def main() -> None:
         src = _unpack(fetch_sdist(), Path(tmp))
         llama = src / "vendor" / "llama.cpp"
         apply_patches(llama)
+        apply_bindings_patches(src)
         dst = CARRY / "llama.cpp"
         dst.mkdir()
         for name in ("CMakeLists.txt", "cmake", "src", "include", "vendor", "licenses", "ggml"):
