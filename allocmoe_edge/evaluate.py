@@ -208,9 +208,11 @@ def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
 
 def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[str], ctx: int = 256,
                    chunks: int | None = None, budgets: Sequence[float] | None = None,
-                   n_threads: int | None = None, n_gpu_layers: int = 0,
-                   progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result."""
+                   n_threads: int | None = None, n_gpu_layers: int = 0, cpu_moe: bool = False,
+                   n_cpu_moe: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result.
+
+    ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory (`runtime.load`)."""
     from .runtime import doctor, layer_counts, load
     from .synth import is_synthetic
 
@@ -226,7 +228,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     text, text_meta = read_text(text_file)
     rows = scored(ctx)
     llama_kwargs = dict(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads,
-                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers)
+                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
     results = []
     with tempfile.TemporaryDirectory(prefix="allocmoe-eval-") as tmp:
         for config in configs:
@@ -257,7 +259,8 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
         "text": {**text_meta, "n_tokens": len(tokens)},
         "ctx": ctx, "chunks": len(windows), "scored_per_chunk": scored_count(ctx),
         "results": results,
-        "runtime": {**doctor(), "n_batch": ctx, "n_ubatch": ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers},
+        "runtime": {**doctor(), "n_batch": ctx, "n_ubatch": ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers,
+                    "cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe},
         "tool": f"allocmoe-edge {__version__}",
     }
 

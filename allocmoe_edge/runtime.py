@@ -7,13 +7,16 @@ would silently run it at full budget) unless ``allow_unpatched`` is set.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import AllocMoeError
-from .gguf_meta import ModelInfo, find_plan, read_info
+from .gguf_meta import ModelInfo, find_plan, open_reader, read_info
 
 
 def llama_cpp_module() -> Any:
@@ -98,11 +101,14 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
 
 
 def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allow_unpatched: bool = False,
-         verbose: bool = False, info: ModelInfo | None = None, **llama_kwargs: Any) -> Any:
+         verbose: bool = False, info: ModelInfo | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
+         **llama_kwargs: Any) -> Any:
     """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files.
 
     ``info`` is the file's metadata when the caller has already read it (evaluations load one
-    file many times; gguf-py takes seconds over a large vocabulary).
+    file many times; gguf-py takes seconds over a large vocabulary). ``cpu_moe`` /
+    ``n_cpu_moe`` keep routed experts in system memory as llama.cpp's ``--cpu-moe`` /
+    ``--n-cpu-moe`` do (see `cpu_moe_overrides`).
     """
     info = info or read_info(path)
     choice = choice or LoadChoice()
@@ -120,6 +126,7 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
                       f"unverified on GPUs; per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to try it)",
                       stacklevel=2)
         kv["allocmoe.token_k_max"] = 0
+    llama_kwargs.update(_cpu_moe_kwargs(info, cpu_moe, n_cpu_moe))
     llama_kwargs.setdefault("n_ctx", 512)
     _install_log()
     _LOG.loading = []
@@ -133,6 +140,83 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
 
 
 GPU_ALLOC_T_ENV = "ALLOCMOE_GPU_ALLOC_T"
+
+
+def cpu_expert_blocks(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[int]:
+    """MoE blocks whose routed experts stay in system memory, as llama.cpp's ``--cpu-moe`` (all of
+    them) and ``--n-cpu-moe N`` (those among the first N blocks) place them."""
+    if n_cpu_moe < 0:
+        raise AllocMoeError(f"--n-cpu-moe {n_cpu_moe} must be >= 0")
+    return [b for b in info.moe_layers if cpu_moe or b < n_cpu_moe]
+
+
+# llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the routed-expert tensors of a block
+EXPERT_TENSOR_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def cpu_moe_overrides(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[tuple[str, str]]:
+    """The ``tensor_buft_overrides`` (regex, "CPU") that llama.cpp's ``--cpu-moe`` (one pattern for
+    every block) and ``--n-cpu-moe N`` (one per MoE block below N) build; empty when neither is set."""
+    if cpu_moe:
+        return [(EXPERT_TENSOR_REGEX, "CPU")]
+    return [(rf"blk\.{b}{EXPERT_TENSOR_REGEX}", "CPU") for b in cpu_expert_blocks(info, n_cpu_moe=n_cpu_moe)]
+
+
+def _cpu_moe_kwargs(info: ModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[str, Any]:
+    """``Llama`` kwargs for the flags (none when unused, so stock bindings still load); on a build
+    with GPU offload, say on stderr which experts stay in system memory."""
+    overrides = cpu_moe_overrides(info, cpu_moe, n_cpu_moe)
+    if not overrides:
+        return {}
+    llama_cpp = llama_cpp_module()
+    if "tensor_buft_overrides" not in inspect.signature(llama_cpp.Llama.__init__).parameters:
+        raise AllocMoeError("--cpu-moe / --n-cpu-moe need tensor buffer overrides, which the installed "
+                            "llama-cpp-python lacks; run `allocmoe build-runtime`")
+    if llama_cpp.llama_supports_gpu_offload():
+        print(f"allocmoe: {placement_line(expert_placement(info, cpu_moe, n_cpu_moe))}", file=sys.stderr)
+    return {"tensor_buft_overrides": overrides}
+
+
+def expert_tensor_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Bytes of the routed-expert tensors of each block of a GGUF, from its tensor table."""
+    sizes: dict[int, int] = {}
+    for t in open_reader(path).tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m and re.search(EXPERT_TENSOR_REGEX, t.name):
+            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + int(t.n_bytes)
+    return sizes
+
+
+def expert_placement(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> dict[str, Any]:
+    """Where ``--cpu-moe`` / ``--n-cpu-moe`` put the routed experts, as JSON for inspect and bench:
+    the flags, the MoE blocks whose experts stay in system memory (``cpu_blocks``, out of
+    ``moe_blocks``), the bytes of their expert tensors (``cpu_expert_bytes``) and of all blocks'
+    expert tensors (``expert_bytes``)."""
+    blocks = cpu_expert_blocks(info, cpu_moe, n_cpu_moe)
+    sizes = expert_tensor_bytes(info.path)
+    return {"cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe, "cpu_blocks": blocks, "moe_blocks": len(info.moe_layers),
+            "cpu_expert_bytes": sum(sizes.get(b, 0) for b in blocks), "expert_bytes": sum(sizes.values())}
+
+
+def placement_line(placement: dict[str, Any]) -> str:
+    """One line saying which blocks' routed experts are in system memory and how many MiB."""
+    blocks = placement["cpu_blocks"]
+    if not blocks:
+        return "routed experts: none in system memory"
+    mib = placement["cpu_expert_bytes"] / 2**20, placement["expert_bytes"] / 2**20
+    return (f"routed experts of {len(blocks)} of {placement['moe_blocks']} MoE blocks ({_ranges(blocks)}) stay in "
+            f"system memory: {mib[0]:.1f} of {mib[1]:.1f} MiB")
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as compact ranges: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _alloc_t_on_gpu(info: ModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:

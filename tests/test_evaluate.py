@@ -170,12 +170,19 @@ def test_evaluate_llama_protocol_with_fake_runtime(tmp_path, monkeypatch):
     path = stamp(src, tmp_path / "s.gguf", [plan_for_counts(read_info(src), [1, 2, 1], method="alloc-l")],
                  k_max=2).path
     calls: list = []
-    monkeypatch.setattr(runtime, "load", lambda p, choice, **kw: FakeLlama(choice, calls, **kw))
+    placements: list = []
+
+    def fake_load(path, choice, cpu_moe, n_cpu_moe, **kw):
+        placements.append((cpu_moe, n_cpu_moe))
+        return FakeLlama(choice, calls, **kw)
+
+    monkeypatch.setattr(runtime, "load", fake_load)
     monkeypatch.setattr(runtime, "layer_counts", lambda llm: [2, 2, 2] if llm.choice.plan_index is None else [1, 2, 1])
     monkeypatch.setattr(runtime, "doctor", lambda: {"patched": True})
     text = tmp_path / "t.txt"
     text.write_text("abcdefghij" * 5)  # 50 bytes -> 51 tokens with BOS: 3 chunks of 16
-    result = evaluate_llama(path, text, ctx=16, budgets=[0.67])
+    result = evaluate_llama(path, text, ctx=16, budgets=[0.67], n_cpu_moe=2)
+    assert placements == [(False, 2)] * 4 and result["runtime"]["n_cpu_moe"] == 2
     assert [r["name"] for r in result["results"]] == ["full", "alloc-l+t (plan 0)", "alloc-l (plan 0)", "uniform k=1"]
     assert len(calls) == 4 * 3 and all(len(tokens) == 16 and tokens[0] == 1 for _, tokens in calls)
     assert [tokens[1] for _, tokens in calls[:3]] == [2 + ord(c) % 14 for c in "agc"]  # text[0], text[16], text[32]

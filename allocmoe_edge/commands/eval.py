@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import cpu_moe_options
+
 
 def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
     if value is None:
@@ -33,9 +35,10 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (llama backend; default: llama.cpp's choice).")
 @click.option("-ngl", "--n-gpu-layers", default=0, show_default=True,
               help="Layers to offload to the GPU (llama backend; -1 = all).")
+@cpu_moe_options
 def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: list[float] | None,
             json_out: str | None, backend: str, plan_files: tuple[str, ...], threads: int | None,
-            n_gpu_layers: int) -> None:
+            n_gpu_layers: int, cpu_moe: bool, n_cpu_moe: int) -> None:
     """Measure MODEL at full budget, at each stored plan with Alloc-T on and off, and at uniform
     top-k of the same budgets, on TEXT with llama-perplexity's protocol; print a markdown table."""
     from rich.console import Console
@@ -54,9 +57,11 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
                 raise AllocMoeError("--plan is for the torch backend; a GGUF carries its plans (see `allocmoe inspect`)")
             result = evaluate_llama(
                 model, text_file, ctx=ctx, chunks=chunks, budgets=budgets, n_threads=threads,
-                n_gpu_layers=n_gpu_layers,
+                n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
                 progress=lambda name, done, total: progress.update(task, description=name, completed=done, total=total))
         else:
+            if cpu_moe or n_cpu_moe:
+                raise AllocMoeError("--cpu-moe and --n-cpu-moe are for the llama backend")
             result = evaluate_torch_plans(
                 model, text_file, plan_files, ctx=ctx, chunks=chunks, budgets=budgets,
                 on_window=lambda: progress.update(task, description="all configurations", advance=1))

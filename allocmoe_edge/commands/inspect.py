@@ -6,18 +6,25 @@ import json
 
 import click
 
+from .options import cpu_moe_options
+
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON: architecture, block_count, expert_count, expert_used_count, allocmoe.")
-def command(model: str, as_json: bool) -> None:
-    """Show MODEL's architecture, blocks, experts, original top-k and stored budget plans."""
+              help="Print JSON: architecture, block_count, expert_count, expert_used_count, allocmoe "
+                   "(and expert_placement with --cpu-moe / --n-cpu-moe).")
+@cpu_moe_options
+def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
+    """Show MODEL's architecture, blocks, experts, original top-k and stored budget plans; with
+    --cpu-moe / --n-cpu-moe, which blocks' routed experts would stay in system memory."""
     from ..gguf_meta import read_info
+    from ..runtime import expert_placement, placement_line
 
     info = read_info(model)
+    placement = expert_placement(info, cpu_moe, n_cpu_moe) if cpu_moe or n_cpu_moe else None
     if as_json:
-        click.echo(json.dumps(info.to_json(), indent=2))
+        click.echo(json.dumps({**info.to_json(), **({"expert_placement": placement} if placement else {})}, indent=2))
         return
     click.echo(f"{info.path}: {info.architecture}, {info.block_count} blocks, {info.file_type}, {info.n_bytes / 2**20:.1f} MiB")
     if not info.moe_layers:
@@ -25,6 +32,8 @@ def command(model: str, as_json: bool) -> None:
         return
     click.echo(f"experts: {info.expert_count}, original top-k: {info.expert_used_count}, "
                f"MoE layers: {len(info.moe_layers)} (full budget {info.full_budget} activations/token)")
+    if placement:
+        click.echo(placement_line(placement))
     meta = info.allocmoe
     if "layer_expert_counts" not in meta:
         click.echo("allocmoe: no plan (runs at the original top-k)")

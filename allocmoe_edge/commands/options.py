@@ -1,0 +1,22 @@
+"""Click options shared by several subcommands."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def cpu_moe_options(f: F) -> F:
+    """``--cpu-moe`` and ``--n-cpu-moe N`` (parameters ``cpu_moe: bool``, ``n_cpu_moe: int``)."""
+    f = click.option(
+        "--n-cpu-moe", "n_cpu_moe", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        help="Keep the routed experts of the first N blocks in system memory (llama.cpp's --n-cpu-moe); "
+             "everything else follows -ngl. Use it when all but a few blocks' experts fit on the GPU.")(f)
+    return click.option(
+        "--cpu-moe", is_flag=True,
+        help="Keep every block's routed-expert weights in system memory while -ngl offloads the rest to the "
+             "GPU (llama.cpp's --cpu-moe): the edge-GPU set-up for models whose experts do not fit in GPU "
+             "memory. Decode then reads the experts from system memory, which is where a budget saves the most.")(f)
