@@ -59,18 +59,19 @@ class Shape:
     shexp_gate: bool = False  # Qwen2-MoE: a sigmoid gate on the shared expert
     n_dense_lead: int = 0  # leading dense blocks (DeepSeek)
     qkv_bias: bool = False
-    qk_norm: bool = False  # OLMoE: RMS norms on q and k over the whole projection
+    qk_norm: str = ""  # RMS norms on q and k: "proj" over the whole projection (OLMoE), "head" per head (Qwen3)
+    n_head_dim: int = 0  # attention head width when it is not n_embd / n_head (Qwen3: written as key/value_length)
     mla: MLA | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_head_dim or self.n_embd // self.n_head
 
 
 SHAPES: dict[str, Shape] = {
     "olmoe-1b-7b": Shape("OLMoE-1B-7B", "olmoe", n_layer=16, n_embd=2048, n_head=16, n_head_kv=16, n_vocab=50304,
                          n_ctx=4096, rope_theta=10000.0, rms_eps=1e-5, n_ff=1024, n_expert=64, n_expert_used=8,
-                         n_ff_exp=1024, qk_norm=True),
+                         n_ff_exp=1024, qk_norm="proj"),
     "qwen1.5-moe-a2.7b": Shape("Qwen1.5-MoE-A2.7B", "qwen2moe", n_layer=24, n_embd=2048, n_head=16, n_head_kv=16,
                                n_vocab=151936, n_ctx=8192, rope_theta=1e6, rms_eps=1e-6, n_ff=5632, n_expert=60,
                                n_expert_used=4, n_ff_exp=1408, n_ff_shexp=5632, shexp_gate=True, qkv_bias=True),
@@ -78,6 +79,9 @@ SHAPES: dict[str, Shape] = {
                               n_vocab=102400, n_ctx=163840, rope_theta=10000.0, rms_eps=1e-6, n_ff=10944,
                               n_expert=64, n_expert_used=6, n_ff_exp=1408, n_ff_shexp=2 * 1408, n_dense_lead=1,
                               mla=MLA(kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128)),
+    "qwen3-30b-a3b": Shape("Qwen3-30B-A3B", "qwen3moe", n_layer=48, n_embd=2048, n_head=32, n_head_kv=4,
+                           n_vocab=151936, n_ctx=40960, rope_theta=1e6, rms_eps=1e-6, n_ff=6144, n_expert=128,
+                           n_expert_used=8, n_ff_exp=768, qk_norm="head", n_head_dim=128),
     "mixtral-8x7b": Shape("Mixtral-8x7B", "llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_vocab=32000,
                           n_ctx=32768, rope_theta=1e6, rms_eps=1e-5, n_ff=14336, n_expert=8, n_expert_used=2,
                           n_ff_exp=14336),
@@ -113,15 +117,16 @@ def tensor_specs(shape: Shape, n_layer: int) -> list[TensorSpec]:
                       TensorSpec(b + "attn_v_b.weight", (m.kv_lora_rank, m.v_head, s.n_head)),
                       TensorSpec(b + "attn_output.weight", (s.n_head * m.v_head, e))]
         else:
-            kv = s.n_head_kv * s.head_dim
-            for name, width in (("attn_q", e), ("attn_k", kv), ("attn_v", kv)):
+            q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+            for name, width in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
                 specs.append(TensorSpec(f"{b}{name}.weight", (e, width)))
                 if s.qkv_bias:
                     specs.append(TensorSpec(f"{b}{name}.bias", (width,), "bias"))
-            specs.append(TensorSpec(b + "attn_output.weight", (e, e)))
+            specs.append(TensorSpec(b + "attn_output.weight", (q, e)))
             if s.qk_norm:
-                specs += [TensorSpec(b + "attn_q_norm.weight", (e,), "norm"),
-                          TensorSpec(b + "attn_k_norm.weight", (e,), "norm")]
+                q_norm, k_norm = (s.head_dim, s.head_dim) if s.qk_norm == "head" else (q, kv)
+                specs += [TensorSpec(b + "attn_q_norm.weight", (q_norm,), "norm"),
+                          TensorSpec(b + "attn_k_norm.weight", (k_norm,), "norm")]
         specs.append(TensorSpec(b + "ffn_norm.weight", (e,), "norm"))
         if i < s.n_dense_lead:
             specs += _ffn(b, "", e, s.n_ff)
@@ -158,8 +163,11 @@ def _metadata(w: Any, shape: Shape, n_layer: int, qtype: str) -> None:
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_expert_count(s.n_expert)
     w.add_expert_used_count(s.n_expert_used)
-    if s.arch in ("qwen2moe", "deepseek2"):
+    if s.arch in ("qwen2moe", "qwen3moe", "deepseek2"):
         w.add_expert_feed_forward_length(s.n_ff_exp)
+    if s.n_head_dim:
+        w.add_key_length(s.n_head_dim)
+        w.add_value_length(s.n_head_dim)
     if s.arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
     if s.arch in ("llama", "deepseek2"):

@@ -1,5 +1,5 @@
 """Synthetic GGUFs: every shape truncated to 2 blocks has the real tensor shapes and MoE metadata,
-valid finite quantized weights, the synthetic label; OLMoE runs in the patched runtime."""
+valid finite quantized weights, the synthetic label; OLMoE and Qwen3-MoE run in the patched runtime."""
 
 from __future__ import annotations
 
@@ -24,10 +24,24 @@ def _dims(path, name: str) -> tuple[int, ...]:
     return tuple(int(x) for x in tensor.shape)
 
 
+@pytest.fixture(scope="module")
+def two_blocks(tmp_path_factory):
+    """``two_blocks(shape) -> path``: the shape's q4_0 synth truncated to 2 blocks, made once per module."""
+    folder = tmp_path_factory.mktemp("two-blocks")
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            made[name] = synthesize(name, "q4_0", folder / f"{name}.gguf", n_layer=2)
+        return made[name]
+
+    return make
+
+
 @pytest.mark.parametrize("name", SHAPE_PARAMS)
-def test_shape_and_metadata(tmp_path, name):
+def test_shape_and_metadata(two_blocks, name):
     s = SHAPES[name]
-    path = synthesize(name, "q4_0", tmp_path / "m.gguf", n_layer=2)
+    path = two_blocks(name)
     info = read_info(path)
     assert (info.architecture, info.block_count) == (s.arch, 2)
     assert (info.expert_count, info.expert_used_count) == (s.n_expert, s.n_expert_used)
@@ -42,6 +56,24 @@ def test_shape_and_metadata(tmp_path, name):
         assert _dims(path, "blk.1.ffn_up_shexp.weight") == (s.n_embd, s.n_ff_shexp)
     if s.n_dense_lead:
         assert _dims(path, "blk.0.ffn_up.weight") == (s.n_embd, s.n_ff)
+    if not s.mla:  # attention is n_head x head_dim wide, which is n_embd except for Qwen3
+        q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+        assert _dims(path, "blk.1.attn_q.weight") == (s.n_embd, q)
+        assert _dims(path, "blk.1.attn_k.weight") == _dims(path, "blk.1.attn_v.weight") == (s.n_embd, kv)
+        assert _dims(path, "blk.1.attn_output.weight") == (q, s.n_embd)
+
+
+@pytest.mark.slow
+def test_qwen3_moe_attention_is_wider_than_the_embedding(two_blocks):
+    path = two_blocks("qwen3-30b-a3b")
+    assert _dims(path, "blk.0.attn_q.weight") == (2048, 32 * 128)
+    assert _dims(path, "blk.0.attn_k.weight") == (2048, 4 * 128)
+    assert _dims(path, "blk.0.attn_q_norm.weight") == _dims(path, "blk.0.attn_k_norm.weight") == (128,)
+    assert _dims(path, "blk.1.ffn_up_exps.weight") == (2048, 768, 128)
+    reader = open_reader(path)
+    for key, value in (("attention.key_length", 128), ("attention.value_length", 128),
+                       ("expert_feed_forward_length", 768), ("context_length", 40960), ("rope.freq_base", 1e6)):
+        assert reader.get_field(f"qwen3moe.{key}").contents() == value, key
 
 
 def test_olmoe_cli_weights_are_finite_and_scaled(olmoe_q8):
@@ -75,13 +107,13 @@ def olmoe_q8(tmp_path_factory):
     return path
 
 
-@pytest.mark.runtime
-def test_olmoe_loads_and_decodes(patched_runtime, olmoe_q8):
+def _decodes_finite_logits(path, n_vocab: int, counts: list[int]) -> None:
+    """Load ``path`` in the patched runtime, check its vocabulary and per-layer counts, decode 3 tokens."""
     from allocmoe_edge.runtime import layer_counts, load
 
-    llm = load(olmoe_q8, n_ctx=64, logits_all=True)
+    llm = load(path, n_ctx=64, logits_all=True)
     try:
-        assert llm.n_vocab() == 50304 and layer_counts(llm) == [8, 8]
+        assert llm.n_vocab() == n_vocab and layer_counts(llm) == counts
         llm.eval([1, 300, 301, 302])
         generated = []
         for _ in range(3):
@@ -92,3 +124,15 @@ def test_olmoe_loads_and_decodes(patched_runtime, olmoe_q8):
         assert llm.n_tokens == 7
     finally:
         llm.close()
+
+
+@pytest.mark.runtime
+def test_olmoe_loads_and_decodes(patched_runtime, olmoe_q8):
+    _decodes_finite_logits(olmoe_q8, 50304, [8, 8])
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_qwen3_moe_loads_and_decodes(patched_runtime, two_blocks):
+    # the loader checks every tensor's shape against the metadata: a wrong width is a load error
+    _decodes_finite_logits(two_blocks("qwen3-30b-a3b"), 151936, [8, 8])
