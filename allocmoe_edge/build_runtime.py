@@ -42,12 +42,15 @@ class BuildOptions:
     cuda_arch: str = "90"  # CMAKE_CUDA_ARCHITECTURES for the cuda backend
     native: bool = True  # -march=native for cpu builds (key includes this CPU's flags)
     sanitize: str = ""  # "" or "address"
+    cuda_fa: bool = True  # compile CUDA flash-attention kernels (off: a much faster build, FA unsupported)
 
     def cmake_args(self) -> list[str]:
         """CMAKE_ARGS for llama-cpp-python's scikit-build-core build."""
         args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
         if self.backend == "cuda":
             args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}", "-DGGML_NATIVE=OFF"]
+            if not self.cuda_fa:
+                args.append("-DGGML_CUDA_FA=OFF")
         elif self.backend == "cpu":
             args.append(f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}")
         else:
@@ -78,10 +81,10 @@ def all_patch_files() -> list[Path]:
     return patch_files() + patch_files(BINDINGS_PATCH_DIR)
 
 
-def patch_hash() -> str:
-    """sha256 over the paths (relative to ``PATCH_DIR``) and contents of both patch series."""
+def patch_hash(patches: list[Path] | None = None) -> str:
+    """sha256 over the paths (relative to ``PATCH_DIR``) and contents of ``patches`` (default: both series)."""
     h = hashlib.sha256()
-    for p in all_patch_files():
+    for p in all_patch_files() if patches is None else patches:
         h.update(p.relative_to(PATCH_DIR).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -28,8 +28,6 @@ from allocmoe_edge.synth import is_synthetic, synthesize
 
 from .ggufs import write_fake_moe
 
-GPU_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.sh"
-
 
 @pytest.fixture(scope="module")
 def olmoe_2layer(tmp_path_factory):
@@ -404,19 +402,6 @@ def test_failing_configuration_is_one_failed_row(patched_runtime, olmoe_2layer, 
     assert bad.replies == [] and error.startswith("exit status 1") and "plan 7 does not exist" in error
     assert good.error is None and len(good.replies) == 2
     assert measurements(good.replies, opts)["tests"]["pp8"]["mean"] > 0
-
-
-def test_gpu_script_parses():
-    assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)]).returncode == 0
-
-
-@pytest.mark.slow
-def test_gpu_script_synth_step_on_cpu(tmp_path):
-    env = {**os.environ, "STEPS": "synth", "LAYERS": "2", "PYTHON": sys.executable, "WORK": str(tmp_path / "work")}
-    out = subprocess.run(["bash", str(GPU_SCRIPT), str(tmp_path / "out")], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    info = read_info(tmp_path / "work" / "dsv2lite-synth-q4_0-2l.uniform-split.gguf")
-    assert info.architecture == "deepseek2" and [p.budget_count for p in info.plans] == [4, 3, 1]  # of 6
 
 
 def test_scratch_dir_removes_stale_copies(tmp_path):

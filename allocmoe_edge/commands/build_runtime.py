@@ -1,4 +1,4 @@
-"""`allocmoe build-runtime`: build and install the patched llama-cpp-python."""
+"""`allocmoe build-runtime`: build and install the patched llama-cpp-python (or only its library)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,43 @@ import click
               help="ggml backend to build.")
 @click.option("--cuda-arch", default="90", show_default=True,
               help="CMAKE_CUDA_ARCHITECTURES for --backend cuda (90 = H100/H200).")
+@click.option("--cuda-fa/--no-cuda-fa", default=True, show_default=True,
+              help="CUDA builds: compile the flash-attention kernels (--no-cuda-fa builds much faster; "
+                   "flash attention is then unavailable).")
 @click.option("--native/--portable", default=True, show_default=True,
               help="CPU builds: -march=native (fast, this CPU only) or a portable build.")
 @click.option("--sanitize", type=click.Choice(["", "address"]), default="", show_default=True,
               help="Build with AddressSanitizer ('address') for fuzzing the loader.")
 @click.option("--no-install", is_flag=True, help="Only build and cache the wheel; print its path.")
-def command(backend: str, cuda_arch: str, native: bool, sanitize: str, no_install: bool) -> None:
+@click.option("--library-only", is_flag=True,
+              help="Build only the shared libraries with CMake (no wheel, nothing installed) and print their "
+                   "folder: point LLAMA_CPP_LIB_PATH at it. Cached like the wheel.")
+@click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
+              help="(--library-only) an already patched llama.cpp tree laid out by scripts/device_carry.py "
+                   "(default: the pinned sdist, patched here).")
+@click.option("--build-dir", type=click.Path(file_okay=False), default=None,
+              help="(--library-only) keep the CMake build here and build incrementally (default: a scratch folder).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="(--library-only) parallel compile jobs (default: all cores).")
+def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize: str, no_install: bool,
+            library_only: bool, source: str | None, build_dir: str | None, jobs: int | None) -> None:
     """Build llama-cpp-python from its pinned sdist with patches/ applied, cache the
-    wheel ($ALLOCMOE_CACHE, default ~/.cache/allocmoe-edge) and install it."""
-    from ..build_runtime import BuildOptions, build_and_install
+    wheel ($ALLOCMOE_CACHE, default ~/.cache/allocmoe-edge) and install it.
 
-    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize)
-    wheel = build_and_install(opts, install=not no_install, log=lambda m: click.echo(m, err=True))
-    click.echo(str(wheel))
+    Example: allocmoe build-runtime --backend cuda --cuda-arch 89
+    """
+    from pathlib import Path
+
+    from ..build_runtime import BuildOptions, build_and_install
+    from ..errors import AllocMoeError
+
+    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize, cuda_fa=cuda_fa)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if library_only:
+        from ..build_lib import build_library
+
+        lib = build_library(opts, Path(source) if source else None, jobs, Path(build_dir) if build_dir else None, log)
+        click.echo(str(lib))
+        return
+    if source or build_dir:
+        raise AllocMoeError("--source and --build-dir are for --library-only builds")
+    click.echo(str(build_and_install(opts, install=not no_install, log=log)))

@@ -1,0 +1,77 @@
+"""The library-only build (`build_lib`) and the device check's scripts: cache keys, stamped trees,
+CMake flags, and the check's CPU-runnable steps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allocmoe_edge import build_lib
+from allocmoe_edge.build_runtime import BuildOptions
+from allocmoe_edge.errors import AllocMoeError
+from allocmoe_edge.gguf_meta import read_info
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+CUDA = BuildOptions(backend="cuda", cuda_arch="90", cuda_fa=False)
+
+
+def test_configure_args_are_the_wheels_plus_a_bare_shared_build():
+    args = build_lib.cmake_configure_args(CUDA)
+    assert args[-len(CUDA.cmake_args()):] == CUDA.cmake_args()
+    assert {"-DBUILD_SHARED_LIBS=ON", "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DGGML_CUDA_FA=OFF",
+            "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"} <= set(args)
+    assert "-DGGML_CUDA_FA=OFF" not in BuildOptions(backend="cuda").cmake_args()
+
+
+def test_library_key_follows_options_and_patches_not_python(monkeypatch):
+    key = build_lib.library_key(CUDA)
+    assert key != build_lib.library_key(BuildOptions(backend="cuda", cuda_arch="90"))
+    monkeypatch.setattr(sys, "version_info", (3, 99, 0))
+    assert build_lib.library_key(CUDA) == key
+    monkeypatch.setattr(build_lib, "llama_patch_hash", lambda: "another series")
+    assert build_lib.library_key(CUDA) != key
+
+
+def test_source_tree_must_carry_this_patch_series(tmp_path):
+    with pytest.raises(AllocMoeError, match="not a llama.cpp source tree"):
+        build_lib.build_library(CUDA, source=tmp_path)
+    (tmp_path / "CMakeLists.txt").write_text("")
+    with pytest.raises(AllocMoeError, match="no .allocmoe-patch-hash"):
+        build_lib.build_library(CUDA, source=tmp_path)
+    (tmp_path / build_lib.STAMP).write_text("0" * 64)
+    with pytest.raises(AllocMoeError, match="another patch series"):
+        build_lib.build_library(CUDA, source=tmp_path)
+    build_lib.stamp_tree(tmp_path)
+    assert (tmp_path / build_lib.STAMP).read_text().strip() == build_lib.llama_patch_hash()
+
+
+def test_cached_library_is_reused_without_cmake(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_CACHE", str(tmp_path))
+    cached = tmp_path / "lib" / build_lib.library_key(CUDA) / "bin"
+    cached.mkdir(parents=True)
+    (cached / "libllama.so").write_bytes(b"")
+    monkeypatch.setattr(build_lib, "_run_cmake", lambda *a: pytest.fail("cmake ran for a cached build"))
+    assert build_lib.build_library(CUDA, source=tmp_path / "absent") == cached
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_synth_step_on_cpu(tmp_path):
+    """The check's synth step (what it can run without a GPU): both models with uniform-split plans."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "device_carry.py")], check=True, capture_output=True)
+    env = {**os.environ, "STEPS": "synth", "LAYERS": "2", "QWEN3_LAYERS": "2", "PYTHON": sys.executable,
+           "WORK": str(tmp_path / "work")}
+    out = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    dsv2 = read_info(tmp_path / "work" / "dsv2lite-q4_0-2l.plans.gguf")
+    assert dsv2.architecture == "deepseek2" and [p.budget_count for p in dsv2.plans] == [4, 3, 1]  # of 6
+    qwen3 = read_info(tmp_path / "work" / "qwen3-30b-a3b-q4_0-2l.plans.gguf")
+    assert qwen3.architecture == "qwen3moe" and [p.budget_count for p in qwen3.plans] == [12, 8, 4]  # of 16
