@@ -2,15 +2,19 @@
 
 The sensitivity file (written by ``allocmoe profile``) is JSON of this shape::
 
-    {"format": "allocmoe-sensitivity", "version": 1,
+    {"format": "allocmoe-sensitivity", "version": 2,
      "model": {"architecture", "n_layer", "moe_layers", "n_expert", "k_orig"},
      "calibration": {...},                  # description of the calibration text
      "mode": "isolated" | "deeper-top1",    # how S[l, k] was measured (see DESIGN.md)
      "full": {"ppl": float, "nll": float},  # the full-budget model
-     "layers": [{"layer": int, "ppl": [S at k=1..K], "kld": [...]}, ...]}
+     "layers": [{"layer": int, "ppl": [S at k=1..K], "kld": [...]}, ...],
+     "routing": {"score": ..., "layers": [{"layer", "n_tokens", "quantiles"}, ...]}}  # version 2
 
 with one entry per MoE block (``layer`` is the block index) and K = k_orig values per
-metric. Costs fed to the dynamic program are, per layer and k:
+metric. The routing statistics (`thresholds.LayerRouting`) calibrate Alloc-T's decode rule;
+version 1 files have none, so plans made from them run the batch rule only.
+
+Costs fed to the dynamic program are, per layer and k:
 
 * ``kld``: the mean KL divergence to the full-budget model, as measured;
 * ``ppl``: ``ln ppl(l, k) - ln ppl_full``, the increase in mean token NLL. Log-perplexity
@@ -31,10 +35,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import AllocMoeError
-from .plan import Budget, ModelIdentity, Plan
+from .plan import TOKEN_MODES, Budget, ModelIdentity, Plan
+from .thresholds import LayerRouting, plan_thresholds
 
 SENSITIVITY_FORMAT = "allocmoe-sensitivity"
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSIONS = (1, 2)
 PROFILE_MODES = ("isolated", "deeper-top1")
 METRICS = ("kld", "ppl")
 # method -> whether Alloc-T is on in the resulting plan
@@ -130,9 +135,9 @@ def _sensitivity_model(sens: Any) -> ModelIdentity:
     if not isinstance(sens, Mapping) or sens.get("format") != SENSITIVITY_FORMAT:
         raise AllocMoeError(f"not an allocmoe sensitivity file (expected \"format\": \"{SENSITIVITY_FORMAT}\")")
     version = sens.get("version")
-    if version != SENSITIVITY_VERSION:
+    if version not in SENSITIVITY_VERSIONS:
         raise AllocMoeError(
-            f"sensitivity version {version!r} is not supported (this allocmoe-edge reads {SENSITIVITY_VERSION})"
+            f"sensitivity version {version!r} is not supported (this allocmoe-edge reads {SENSITIVITY_VERSIONS})"
         )
     missing = [k for k in ("model", "mode", "full", "layers") if k not in sens]
     if missing:
@@ -180,6 +185,29 @@ def _full_ppl(sens: Mapping[str, Any]) -> float:
     return float(ppl)
 
 
+def routing_stats(sens: Mapping[str, Any]) -> list[LayerRouting] | None:
+    """The sensitivity file's routing statistics (None for a version 1 file)."""
+    routing = sens.get("routing")
+    if routing is None:
+        return None
+    if not isinstance(routing, Mapping) or not isinstance(routing.get("layers"), list):
+        raise AllocMoeError('sensitivity.routing: expected {"layers": [...]}')
+    return [LayerRouting.from_dict(d) for d in routing["layers"]]
+
+
+def _token_thresholds(sens: Mapping[str, Any], model: ModelIdentity, counts: Sequence[int], k_min: int,
+                      k_max: int) -> tuple[float | None, ...]:
+    """The decode rule's threshold per MoE layer (None where the count is k_min or k_max)."""
+    stats = routing_stats(sens)
+    if stats is None:
+        raise AllocMoeError("the sensitivity file has no routing statistics (profiled by an older allocmoe-edge): "
+                            "profile again, or use --alloc-t batch")
+    inner = [(b, k) for b, k in zip(model.moe_layers, counts) if k_min < k < k_max]
+    taus = dict(zip((b for b, _ in inner), plan_thresholds(stats, [b for b, _ in inner], [k for _, k in inner],
+                                                          k_min, k_max)))
+    return tuple(taus.get(b) for b in model.moe_layers)
+
+
 def plan_from_sensitivity(
     sens: Mapping[str, Any],
     budget: Budget | str | float | int,
@@ -187,6 +215,7 @@ def plan_from_sensitivity(
     k_min: int = 1,
     k_max: int | None = None,
     metric: str = "kld",
+    token_mode: str | None = None,
 ) -> Plan:
     """Build a plan from a sensitivity file's contents (see the module docstring).
 
@@ -194,6 +223,8 @@ def plan_from_sensitivity(
     (DP, Alloc-T off), "uniform+t" (same k everywhere, Alloc-T on: Alloc-T alone) or "uniform"
     (same k everywhere, Alloc-T off). ``k_min``/``k_max``
     bound every layer's count (k_max defaults to k_orig) and, with Alloc-T, every token's.
+    ``token_mode`` (Alloc-T methods): "batch", "decode" or "both" (`plan.TOKEN_MODES`); the
+    default is "both" when the file has routing statistics to calibrate the decode rule, else "batch".
     """
     if method not in ALLOCATE_METHODS:
         raise AllocMoeError(f"method {method!r} is not one of {', '.join(ALLOCATE_METHODS)}")
@@ -228,13 +259,19 @@ def plan_from_sensitivity(
         predicted["ppl"] = full_ppl * math.exp(math.fsum(float(tables["ppl"][i, k - 1]) for i, k in enumerate(counts)))
     calibration = dict(sens.get("calibration") or {})
     calibration["profile_mode"] = sens["mode"]
+    alloc_t = ALLOCATE_METHODS[method]
+    mode = (token_mode or ("both" if routing_stats(sens) is not None else "batch")) if alloc_t else "batch"
+    if mode not in TOKEN_MODES:
+        raise AllocMoeError(f"token mode {mode!r} is not one of {', '.join(TOKEN_MODES)}")
     return Plan(
         model=model,
         budget=budget,
         method=method,
         counts=tuple(counts),
         token_k_min=k_min,
-        token_k_max=k_max if ALLOCATE_METHODS[method] else 0,
+        token_k_max=k_max if alloc_t else 0,
+        token_mode=mode,
+        token_thresholds=None if mode == "batch" else _token_thresholds(sens, model, counts, k_min, k_max),
         calibration=calibration,
         predicted=predicted,
     )

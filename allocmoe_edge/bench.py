@@ -60,7 +60,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Collection
 
@@ -70,8 +70,10 @@ from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE, EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
 from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .thresholds import block_thresholds
 
 FORMAT = "allocmoe-bench"
+DECODE_RULE_PATCH_VERSION = 4  # llama_allocmoe_version() of the patch series that runs Alloc-T's decode rule
 VERSION = 2
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
 
@@ -165,17 +167,43 @@ def uniform_split_counts(info: ModelInfo, budget: float) -> list[int]:
     return [base + 1] * extra + [base] * (len(info.moe_layers) - extra)
 
 
-def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...]) -> ModelInfo:
-    """Copy ``src`` to ``dst`` with a "uniform-split" plan per budget below 1 and Alloc-T enabled."""
+def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...],
+                        decode_rule: bool = False) -> ModelInfo:
+    """Copy ``src`` to ``dst`` with a "uniform-split" plan per budget below 1 and Alloc-T enabled.
+
+    With ``decode_rule`` every plan also gets decode thresholds, calibrated on the file's own
+    routing of 512 random tokens (`graph_probe.routing_stats`: a synthetic file has no calibration
+    text), and the file runs the decode rule one token at a time (token mode "both")."""
     from .synth import SYNTHETIC_KEY
 
     info = read_info(src)
     plans = [plan_for_counts(info, uniform_split_counts(info, b), "uniform-split", f"uniform-split@{b:g}")
              for b in sorted({b for b in budgets if b < 1}, reverse=True)]
-    fields = plan_fields(info, plans, k_min=1, k_max=info.expert_used_count,
-                         provenance={"source": Path(src).name, "calibration": "none (uniform split)"})
+    k_max = info.expert_used_count
+    calibration = "none (uniform split)"
+    if decode_rule:
+        routing = _random_token_routing(src, info, k_max)
+        plans = [replace(p, thresholds=block_thresholds(routing, p.counts, info.moe_layers, 1, k_max)) for p in plans]
+        calibration = "decode thresholds from 512 random tokens"
+    fields = plan_fields(info, plans, k_min=1, k_max=k_max,
+                         provenance={"source": Path(src).name, "calibration": calibration})
     copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(PREFIX) and k != SYNTHETIC_KEY)
     return read_info(dst)
+
+
+def _random_token_routing(path: str | Path, info: ModelInfo, ranks: int) -> list[Any]:
+    """The full-budget model's routing statistics over 512 random tokens (`graph_probe.routing_stats`)."""
+    import numpy as np
+
+    from .graph_probe import routing_stats
+    from .runtime import LoadChoice, load
+
+    llm = load(path, LoadChoice(full_budget=True), info=info, n_ctx=512, n_batch=512, n_ubatch=512)
+    try:
+        tokens = np.random.default_rng(0).integers(3, llm.n_vocab(), 512).tolist()
+        return routing_stats(llm, tokens, ranks)
+    finally:
+        llm.close()
 
 
 @dataclass(frozen=True)
@@ -295,6 +323,7 @@ def _row(info: ModelInfo, config: EvalConfig, counts: tuple[int, ...], limits: d
             "kv_overrides": config.choice().kv_overrides(info), **limits,
             **(measurements(worker.replies, opts) if error is None else {"tests": None, "latency": None}),
             "threads": ready.get("threads"), "threads_batch": ready.get("threads_batch"),
+            "decode_activations": ready.get("decode_activations"),
             "resident": worker.resident, "error": error, "log": log}
 
 
@@ -304,17 +333,24 @@ def _plans_to_run(model: str | Path, info: ModelInfo, opts: BenchOptions, scratc
     plans come from; a file without plans gets uniform-split plans in a copy in ``scratch``."""
     if info.plans or all(b == 1 for b in opts.budgets):
         return Path(model), info, opts.budgets, "file" if info.plans else "none"
-    log("no stored plans: stamping uniform-split plans into a temporary copy")
+    from .runtime import patch_version
+
+    decode_rule = (patch_version() or 0) >= DECODE_RULE_PATCH_VERSION
+    log("no stored plans: stamping uniform-split plans into a temporary copy"
+        + (" (decode thresholds calibrated on random tokens)" if decode_rule else ""))
     path = scratch / Path(model).name
     # every plan just stamped runs, even where its count rounds away from the fraction
-    return path, stamp_uniform_split(model, path, opts.budgets), None, "uniform-split"
+    return path, stamp_uniform_split(model, path, opts.budgets, decode_rule), None, "uniform-split"
 
 
 def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = print,
-          progress: Progress | None = None) -> dict[str, Any]:
+          progress: Progress | None = None,
+          on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Benchmark every configuration of ``model`` at ``opts.budgets`` in one run; returns the JSON result.
 
-    ``progress(configuration, done, total)`` follows each of the configurations x reps repetitions."""
+    ``progress(configuration, done, total)`` follows each of the configurations x reps repetitions;
+    ``on_round(result)`` gets the result so far (``"complete": false``) after every round of
+    repetitions, so a run stopped from outside still leaves its measured rounds behind."""
     from .runtime import patch_version
     from .synth import is_synthetic
 
@@ -343,21 +379,26 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
         workers = [Worker(job(path, c, opts), scratch / f"config-{i}.log", opts.timeout) for i, c in enumerate(configs)]
         done, total = itertools.count(1), len(workers) * opts.reps
 
+        def tabulate(complete: bool) -> dict[str, Any]:
+            rows = []
+            for config, worker in zip(configs, workers):
+                counts = executed_counts(info, config)
+                rows.append(_row(info, config, counts, decode_limits(traffic, full, counts, cpu_blocks), worker, opts))
+            add_speedups(rows)
+            ready = next((w.ready for w in workers if w.ready), {})
+            result["threads"], result["threads_batch"] = ready.get("threads"), ready.get("threads_batch")
+            result["failed"] = [r["name"] for r in rows if r["error"]]
+            result.update(rows=rows, complete=complete)
+            return result
+
         def step(worker: Worker, rep: int) -> None:
             if progress is not None:
                 progress(worker.name, next(done), total)
+            if on_round is not None and worker is workers[-1] and rep < opts.reps - 1:
+                on_round(tabulate(complete=False))
 
         interleave(workers, opts.reps, max_loaded=opts.max_loaded, log=log, on_step=step)
-        rows = []
-        for config, worker in zip(configs, workers):
-            counts = executed_counts(info, config)
-            rows.append(_row(info, config, counts, decode_limits(traffic, full, counts, cpu_blocks), worker, opts))
-    add_speedups(rows)
-    ready = next((w.ready for w in workers if w.ready), {})
-    result["threads"], result["threads_batch"] = ready.get("threads"), ready.get("threads_batch")
-    result["failed"] = [r["name"] for r in rows if r["error"]]
-    result["rows"] = rows
-    return result
+        return tabulate(complete=True)
 
 
 def headline(row: dict[str, Any]) -> dict[str, float | None]:
@@ -390,14 +431,16 @@ def speed_table(result: dict[str, Any]) -> str:
     """Tokens/s (mean ± sd) of every test, speedups over full budget ("(tie)" within the noise) and
     the decode limit that applies (all weights, or the CPU-resident experts in a hybrid set-up)."""
     tests, limit = result["tests"], result["placement"]["limit"]
-    head = ["model", "budget", "method", "alloc-t", *(f"{t} t/s" for t in tests), *(f"speedup {t}" for t in tests),
+    head = ["model", "budget", "method", "alloc-t", "act/token decoded", *(f"{t} t/s" for t in tests),
+            *(f"speedup {t}" for t in tests),
             "decode limit (CPU experts)" if limit == "decode_limit_cpu_experts" else "decode limit"]
     rows = []
     for r in result["rows"]:
         measured = r["tests"] or {}
         speed = [format_mean_sd(measured[t]) if measured else "failed" for t in tests]
-        rows.append([*_config_cells(result, r), *speed, *(format_speedup(measured.get(t, {}).get("speedup"))
-                                                           for t in tests), f"{r[limit]:.2f}x"])
+        act = r.get("decode_activations")
+        rows.append([*_config_cells(result, r), "-" if act is None else f"{act['total']:.2f}", *speed,
+                     *(format_speedup(measured.get(t, {}).get("speedup")) for t in tests), f"{r[limit]:.2f}x"])
     return _table(head, rows)
 
 

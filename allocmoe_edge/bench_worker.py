@@ -105,9 +105,25 @@ class Session:
         return {"prompt": {str(n): self.prompt(n) for n in self.prompts},
                 "gen": self.generate(self.n_gen) if self.n_gen else None}
 
+    def decode_activations(self, n: int = 32) -> dict[str, Any]:
+        """Experts per token each MoE layer runs, measured over ``n`` tokens decoded one at a time
+        (`graph_probe.DecodeCounter`; Alloc-T's decode rule varies them per token)."""
+        from .graph_probe import DecodeCounter
+
+        counter = DecodeCounter(self.llm, n)
+        try:
+            for token in self.tokens[:n]:
+                counter.step(token, logits=False)
+        finally:
+            counter.close()
+        per_layer = counter.per_token()
+        return {"per_layer": {str(layer): v for layer, v in per_layer.items()}, "total": sum(per_layer.values()),
+                "tokens": counter.tokens}
+
     def describe(self) -> dict[str, Any]:
         """What the parent records about the loaded configuration."""
-        return {"threads": self.llm.context_params.n_threads, "threads_batch": self.llm.context_params.n_threads_batch}
+        return {"threads": self.llm.context_params.n_threads, "threads_batch": self.llm.context_params.n_threads_batch,
+                "decode_activations": self.decode_activations()}
 
 
 def serve(requests: IO[str], replies: IO[str]) -> None:

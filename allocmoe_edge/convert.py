@@ -8,13 +8,15 @@ under a temporary name and renamed at the end.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .build_runtime import vendor_dir
 from .errors import AllocMoeError
@@ -107,6 +109,15 @@ def hf_identity(model_dir: str | os.PathLike[str]) -> "ModelIdentity":
     return model_identity(model)
 
 
+def calibration_provenance(calibration: dict[str, Any]) -> str:
+    """The plan's calibration description as stored in a published GGUF: the text's file name and
+    sha256, never the absolute path it had on the machine that converted it."""
+    public = {k: v for k, v in calibration.items() if k != "path"}
+    if "path" in calibration:
+        public["file"] = Path(str(calibration["path"])).name
+    return json.dumps(public, sort_keys=True)
+
+
 def build_budgeted_gguf(model_dir: str | os.PathLike[str], plan_paths: list[str], outfile: str | os.PathLike[str],
                         outtype: str = "q8_0", default: int = 0, pre_tokenizer: str | None = None,
                         log: Callable[[str], None] = print,
@@ -132,16 +143,19 @@ def build_budgeted_gguf(model_dir: str | os.PathLike[str], plan_paths: list[str]
     if any((p.token_k_min, p.token_k_max) != (d.token_k_min, d.token_k_max) for p in plans):
         log(f"plans differ in Alloc-T bounds; the file uses the default plan's k_min={d.token_k_min} "
             f"k_max={d.token_k_max} (override at load time with allocmoe.token_k_max)")
+    token_mode = d.token_mode if all(p.token_thresholds is not None for p in plans) else "batch"
+    if token_mode != d.token_mode:
+        log("some plans have no decode thresholds: the file runs Alloc-T's batch rule only")
     outfile.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".allocmoe-", dir=outfile.parent) as tmp:
         base = convert_to_type(model_dir, Path(tmp) / f"model-{outtype}.gguf", outtype, pre_tokenizer, log)
         info = read_info(base)
         stored = [stored_plan(info, p) for p in plans]
-        import json
-
-        provenance = {"source": model_dir.name, "calibration": json.dumps(d.calibration, sort_keys=True),
+        provenance = {"source": model_dir.name, "calibration": calibration_provenance(d.calibration),
                       "outtype": outtype}
         log(f"stamping {len(stored)} plan(s)")
+        if token_mode == "batch":
+            stored = [dataclasses.replace(p, thresholds=None) for p in stored]
         stamp(base, outfile, stored, default=default, k_min=d.token_k_min, k_max=d.token_k_max,
-              provenance=provenance, progress=progress)
+              provenance=provenance, progress=progress, token_mode=token_mode)
     return outfile

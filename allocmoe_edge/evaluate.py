@@ -4,7 +4,8 @@ The protocol is llama-perplexity's (``perplexity`` and ``kl_divergence`` in llam
 tools/perplexity/perplexity.cpp): the text is tokenized with the model's tokenizer and cut
 into chunks of ``ctx`` tokens; the first token of each chunk becomes BOS when the vocabulary
 adds BOS; each chunk is decoded as one batch and one ubatch (Alloc-T redistributes within a
-ubatch); only the second half is scored (logits at positions ctx/2 .. ctx-2, each predicting
+ubatch), or one token per ubatch in the decode protocol (``decode``: as generation runs,
+where Alloc-T's decode rule applies); only the second half is scored (logits at positions ctx/2 .. ctx-2, each predicting
 the next token). Standard errors are perplexity.cpp's: sqrt((E[x²] - E[x]²) / (n - 1)), and
 PPL ± PPL x se(NLL). Differences from llama.cpp: the KL divergence sums over the whole
 vocabulary from float32 log-probs (llama.cpp keeps uint16-quantised base log-probs and skips
@@ -206,13 +207,26 @@ def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
     return log_probs(llm.scores[scored(len(chunk))])
 
 
+def _chunk_log_probs_decoded(counter: Any, chunk: np.ndarray) -> np.ndarray:
+    """Log-probs at the scored positions of ``chunk``, decoded one token per ubatch from an empty
+    cache by a `graph_probe.DecodeCounter` (which counts the experts each token runs)."""
+    rows = scored(len(chunk))
+    counter.reset()
+    logits = [counter.step(int(t), logits=rows.start <= i < rows.stop) for i, t in enumerate(chunk)]
+    return log_probs(np.stack(logits[rows]))
+
+
 def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[str], ctx: int = 256,
                    chunks: int | None = None, budgets: Sequence[float] | None = None,
                    n_threads: int | None = None, n_gpu_layers: int = 0, cpu_moe: bool = False,
-                   n_cpu_moe: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+                   n_cpu_moe: int = 0, decode: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result.
 
-    ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory (`runtime.load`)."""
+    ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory (`runtime.load`). With
+    ``decode`` every chunk is decoded one token per ubatch, as generation runs (Alloc-T's decode
+    rule, where the file has it, instead of its batch rule), and each row reports the experts per
+    token measured while decoding (the decode rule varies them per token) instead of the plan's."""
+    from .graph_probe import DecodeCounter
     from .runtime import doctor, layer_counts, load
     from .synth import is_synthetic
 
@@ -225,9 +239,13 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     if chunks is not None and chunks < 1:
         raise AllocMoeError(f"--chunks {chunks} must be at least 1")
     configs = gguf_configurations(info, budgets)
+    token_mode = info.allocmoe.get("token_mode", "batch")
+    if decode and token_mode == "batch":  # one token per ubatch, the batch rule is plain per-layer top-k
+        configs = [c for c in configs if not c.alloc_t]
     text, text_meta = read_text(text_file)
     rows = scored(ctx)
-    llama_kwargs = dict(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads,
+    n_ubatch = 1 if decode else ctx
+    llama_kwargs = dict(n_ctx=ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, logits_all=True, n_threads=n_threads,
                         n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
     results = []
     with tempfile.TemporaryDirectory(prefix="allocmoe-eval-") as tmp:
@@ -239,15 +257,24 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                     bos = llm.token_bos() if llm._model.add_bos_token() else None
                     windows = chunk_tokens(tokens, ctx, chunks, bos)
                     ref = _reference_store(tmp, (len(windows), scored_count(ctx), llm.n_vocab()))
-                counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
+                counter = DecodeCounter(llm, ctx) if decode else None
                 parts = []
-                for c, window in enumerate(windows):
-                    logp = _chunk_log_probs(llm, window)
-                    if config is configs[0]:
-                        ref[c] = logp
-                    parts.append(score_positions(logp, window[rows.start + 1:], ref[c]))
-                    if progress is not None:
-                        progress(config.name, len(results) * len(windows) + c + 1, len(configs) * len(windows))
+                try:
+                    for c, window in enumerate(windows):
+                        logp = _chunk_log_probs_decoded(counter, window) if counter else _chunk_log_probs(llm, window)
+                        if config is configs[0]:
+                            ref[c] = logp
+                        parts.append(score_positions(logp, window[rows.start + 1:], ref[c]))
+                        if progress is not None:
+                            progress(config.name, len(results) * len(windows) + c + 1, len(configs) * len(windows))
+                finally:
+                    if counter:
+                        counter.close()
+                if counter:
+                    measured = counter.per_token()
+                    counts = [measured.get(layer, 0.0) for layer in info.moe_layers]
+                else:
+                    counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
             finally:
                 llm.close()
             scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -259,8 +286,9 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
         "text": {**text_meta, "n_tokens": len(tokens)},
         "ctx": ctx, "chunks": len(windows), "scored_per_chunk": scored_count(ctx),
         "results": results,
-        "runtime": {**doctor(), "n_batch": ctx, "n_ubatch": ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers,
-                    "cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe},
+        "decode": decode, "token_mode": token_mode,
+        "runtime": {**doctor(), "n_batch": n_ubatch, "n_ubatch": n_ubatch, "n_threads": n_threads,
+                    "n_gpu_layers": n_gpu_layers, "cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe},
         "tool": f"allocmoe-edge {__version__}",
     }
 
@@ -276,12 +304,14 @@ def _row(config: EvalConfig, activations: float, counts: list[int], full_budget:
 
 def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.PathLike[str],
                          plan_files: Sequence[str | os.PathLike[str]], ctx: int = 256, chunks: int | None = None,
-                         budgets: Sequence[float] | None = None,
+                         budgets: Sequence[float] | None = None, decode: bool = False,
                          on_window: Callable[[], None] | None = None) -> dict[str, Any]:
     """The same configurations for a Hugging Face model through ``torch_eval.evaluate_torch``.
 
     The plans come from plan JSON files (they give the model's shape); the result has
     evaluate_llama's layout, without standard errors and Δp, which torch_eval does not compute.
+    With ``decode`` the Alloc-T rows run the plans' decode rule (its thresholds), which routes
+    every token by itself: a whole window in one pass equals decoding it one token at a time.
     """
     import torch
 
@@ -300,7 +330,9 @@ def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.
     n_moe = len(model.moe_layers)
     counts = {c.name: list(plans[c.plan].counts) if c.plan is not None else [c.k or model.k_orig] * n_moe
               for c in configs}
-    raw = evaluate_torch(model_dir, text_file, {c.name: (counts[c.name], c.alloc_t) for c in configs[1:]},
+    specs = {c.name: (counts[c.name], c.alloc_t, _decode_thresholds(plans[c.plan]) if decode and c.alloc_t else None)
+             for c in configs[1:]}
+    raw = evaluate_torch(model_dir, text_file, specs,
                          ctx=ctx, max_tokens=chunks * ctx if chunks else None, k_min=bounds[0],
                          k_max=bounds[1] or None, on_window=on_window)
     results = []
@@ -312,9 +344,18 @@ def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.
     return {
         "backend": "torch", "model": raw["model"],
         "text": {"path": raw["text"]["path"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
-        "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx),
+        "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx), "decode": decode,
         "results": results, "runtime": {"torch": torch.__version__}, "tool": f"allocmoe-edge {__version__}",
     }
+
+
+def _decode_thresholds(plan: Any) -> list[float]:
+    """A plan's decode-rule thresholds per MoE layer, inf / -inf where it keeps k_min / k_max experts."""
+    if plan.token_thresholds is None:
+        raise AllocMoeError(f"the {plan.method} plan at budget {plan.budget.fraction:g} has no decode thresholds; "
+                            "make it with `allocmoe allocate --alloc-t both` from a current profile")
+    blocks = plan.block_thresholds()
+    return [blocks[b] for b in plan.model.moe_layers]
 
 
 # ---------------------------------------------------------------- report

@@ -11,10 +11,18 @@ scalar, so a stock llama.cpp still runs a stamped file correctly at full budget.
   ``allocmoe.plan.<i>.{layer_expert_counts,budget,budget_count,method,name}``; the patched
   loader uses plan i when the scalar kv_override ``allocmoe.plan_index=int:i`` is given
 * provenance strings: ``allocmoe.tool``, ``allocmoe.source``, ``allocmoe.calibration``
+
+Format version 2 adds Alloc-T's decode rule: per plan ``allocmoe.plan.<i>.token_thresholds``
+f32[block_count] (and ``allocmoe.token_thresholds`` for the default plan), one routing-score
+threshold per block (ignored where a block's count is k_min or k_max, or it has no experts), and
+``allocmoe.token_mode`` (string): "batch" (the batch rule for ubatches of T > 1 tokens, top-k_l
+at T = 1), "decode" (the decode rule for every ubatch) or "both" (the decode rule at T = 1, the
+batch rule above). Files without thresholds stay version 1.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,7 +36,9 @@ from .errors import AllocMoeError
 from .fsutil import atomic_output
 
 FORMAT_VERSION = 1
+FORMAT_VERSION_THRESHOLDS = 2
 PREFIX = "allocmoe."
+TOKEN_MODES = ("batch", "decode", "both")
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class StoredPlan:
     budget_count: int
     method: str = "custom"
     name: str = ""
+    thresholds: tuple[float, ...] | None = None  # the decode rule's threshold per block (None: no decode rule)
 
 
 @dataclass
@@ -67,13 +78,24 @@ class ModelInfo:
         return [StoredPlan(**p) for p in self.allocmoe.get("plans", [])]
 
     def to_json(self) -> dict[str, Any]:
-        """JSON view, as printed by ``allocmoe inspect --json``."""
+        """JSON view, as printed by ``allocmoe inspect --json`` (infinite thresholds as "inf" / "-inf")."""
         return {
             "path": self.path, "architecture": self.architecture, "block_count": self.block_count,
             "expert_count": self.expert_count, "expert_used_count": self.expert_used_count,
             "moe_layers": self.moe_layers, "full_budget": self.full_budget,
-            "file_type": self.file_type, "n_bytes": self.n_bytes, "allocmoe": self.allocmoe,
+            "file_type": self.file_type, "n_bytes": self.n_bytes, "allocmoe": _finite_json(self.allocmoe),
         }
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with infinite floats written as the strings "inf" / "-inf" (JSON has no infinity)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def open_reader(path: str | os.PathLike[str]) -> Any:
@@ -148,8 +170,12 @@ def _stored_plan_entry(path: str | os.PathLike[str], allocmoe: dict[str, Any], i
     if not (isinstance(counts, list) and all(isinstance(k, int) for k in counts)
             and isinstance(budget, (int, float)) and isinstance(budget_count, int)):
         raise AllocMoeError(f"{path}: allocmoe.plan.{i}.* has values of the wrong type; the file's plan metadata is malformed")
+    thresholds = allocmoe.get(p + "token_thresholds")
+    if thresholds is not None and not (isinstance(thresholds, list) and all(isinstance(t, float) for t in thresholds)):
+        raise AllocMoeError(f"{path}: allocmoe.plan.{i}.token_thresholds is not a float array; the file's plan metadata is malformed")
     return {"counts": tuple(counts), "budget": float(budget), "budget_count": int(budget_count),
-            "method": str(allocmoe.get(p + "method", "custom")), "name": str(allocmoe.get(p + "name", ""))}
+            "method": str(allocmoe.get(p + "method", "custom")), "name": str(allocmoe.get(p + "name", "")),
+            "thresholds": None if thresholds is None else tuple(thresholds)}
 
 
 def expand_counts(info: ModelInfo, counts: list[int]) -> list[int]:
@@ -181,6 +207,11 @@ def validate_plan(info: ModelInfo, plan: StoredPlan, k_min: int = 1, k_max: int 
             raise AllocMoeError(f"layer {layer}: count {k} is outside [1, {info.expert_count}] (the expert count)")
         if k < k_min or (k_max and k > k_max):
             raise AllocMoeError(f"layer {layer}: count {k} is outside [token_k_min, token_k_max] = [{k_min}, {k_max}]")
+    if plan.thresholds is not None:
+        if len(plan.thresholds) != info.block_count:
+            raise AllocMoeError(f"plan has {len(plan.thresholds)} thresholds, the model has {info.block_count} blocks")
+        if any(math.isnan(t) for t in plan.thresholds):
+            raise AllocMoeError("plan has a NaN decode threshold")
 
 
 def plan_for_counts(info: ModelInfo, counts: list[int], method: str = "custom", name: str = "") -> StoredPlan:
@@ -209,8 +240,10 @@ def stored_plan_from_file(info: ModelInfo, path: str | os.PathLike[str]) -> Stor
 def stored_plan(info: ModelInfo, plan: Any) -> StoredPlan:
     """A Plan as stored in the GGUF, checked against its shape (GGUF and HF architecture names differ)."""
     plan.check_against(identity(info, plan.model.architecture))
+    thresholds = plan.block_thresholds()
     return StoredPlan(counts=tuple(plan.layer_expert_counts()), budget=plan.budget.fraction,
-                      budget_count=plan.budget.count, method=plan.method, name=f"{plan.method}@{plan.budget.fraction:g}")
+                      budget_count=plan.budget.count, method=plan.method, name=f"{plan.method}@{plan.budget.fraction:g}",
+                      thresholds=None if thresholds is None else tuple(thresholds))
 
 
 def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
@@ -266,9 +299,24 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
+def token_mode_for(plans: list[StoredPlan], token_mode: str | None) -> str:
+    """The file's ``allocmoe.token_mode``: as given, else "both" when every plan has decode thresholds,
+    else "batch"; a mode with the decode rule needs thresholds in every plan."""
+    with_thresholds = [p.thresholds is not None for p in plans]
+    mode = token_mode or ("both" if all(with_thresholds) else "batch")
+    if mode not in TOKEN_MODES:
+        raise AllocMoeError(f"token mode {mode!r} is not one of {', '.join(TOKEN_MODES)}")
+    if mode != "batch" and not all(with_thresholds):
+        raise AllocMoeError(f"token mode {mode} runs the decode rule, but {with_thresholds.count(False)} plan(s) "
+                            "have no decode thresholds")
+    return mode
+
+
 def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_min: int = 1, k_max: int = 0,
-                provenance: dict[str, str] | None = None, enabled: bool = True) -> dict[str, tuple[Any, Any, Any]]:
-    """The allocmoe.* key/values for ``plans`` (validated against ``info``)."""
+                provenance: dict[str, str] | None = None, enabled: bool = True,
+                token_mode: str | None = None) -> dict[str, tuple[Any, Any, Any]]:
+    """The allocmoe.* key/values for ``plans`` (validated against ``info``); ``token_mode`` as in
+    `token_mode_for`."""
     import gguf
 
     T = gguf.GGUFValueType
@@ -278,9 +326,11 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
         raise AllocMoeError(f"default plan index {default} is outside [0, {len(plans) - 1}]")
     for p in plans:
         validate_plan(info, p, k_min, k_max)
+    mode = token_mode_for(plans, token_mode)
+    thresholds = any(p.thresholds is not None for p in plans)
     d = plans[default]
     fields: dict[str, tuple[Any, Any, Any]] = {
-        PREFIX + "version": (FORMAT_VERSION, T.UINT32, None),
+        PREFIX + "version": (FORMAT_VERSION_THRESHOLDS if thresholds else FORMAT_VERSION, T.UINT32, None),
         PREFIX + "enabled": (enabled, T.BOOL, None),
         PREFIX + "layer_expert_counts": (list(d.counts), T.ARRAY, T.UINT32),
         PREFIX + "budget": (float(d.budget), T.FLOAT32, None),
@@ -291,9 +341,15 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
         PREFIX + "plan_default": (int(default), T.UINT32, None),
         PREFIX + "tool": (f"allocmoe-edge {__version__}", T.STRING, None),
     }
+    if thresholds:
+        fields[PREFIX + "token_mode"] = (mode, T.STRING, None)
+        if d.thresholds is not None:
+            fields[PREFIX + "token_thresholds"] = (list(d.thresholds), T.ARRAY, T.FLOAT32)
     for i, p in enumerate(plans):
         q = f"{PREFIX}plan.{i}."
         fields[q + "layer_expert_counts"] = (list(p.counts), T.ARRAY, T.UINT32)
+        if p.thresholds is not None:
+            fields[q + "token_thresholds"] = (list(p.thresholds), T.ARRAY, T.FLOAT32)
         fields[q + "budget"] = (float(p.budget), T.FLOAT32, None)
         fields[q + "budget_count"] = (int(p.budget_count), T.UINT32, None)
         fields[q + "method"] = (p.method, T.STRING, None)
@@ -305,10 +361,11 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
 
 def stamp(src: str | os.PathLike[str], dst: str | os.PathLike[str], plans: list[StoredPlan], default: int = 0,
           k_min: int = 1, k_max: int = 0, provenance: dict[str, str] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> ModelInfo:
+          progress: Callable[[int, int], None] | None = None, token_mode: str | None = None) -> ModelInfo:
     """Write a copy of ``src`` carrying ``plans`` (any earlier allocmoe keys are replaced)."""
     info = read_info(src)
-    fields = plan_fields(info, plans, default, k_min, k_max, {"source": Path(src).name, **(provenance or {})})
+    fields = plan_fields(info, plans, default, k_min, k_max, {"source": Path(src).name, **(provenance or {})},
+                         token_mode=token_mode)
     copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(PREFIX), progress=progress)
     return read_info(dst)
 

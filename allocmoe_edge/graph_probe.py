@@ -1,8 +1,8 @@
 """Read the executed MoE graph through llama.cpp's eval callback.
 
 For one decode of a token group (one ubatch) this reports, per MoE layer, the ids tensor that
-``mul_mat_id`` consumes (``ffn_moe_topk-<il>``, I32 [k, columns]: its size is the number of
-(token, expert) activations the expert matmuls ran) and, under Alloc-T, how many experts each
+``mul_mat_id`` consumes (``ffn_moe_topk-<il>``, I32 [k, columns]; its non-negative entries are
+the (token, expert) activations the expert matmuls ran) and, under Alloc-T, how many experts each
 token kept (from the 0/1 mask ``ffn_moe_alloct_mask-<il>``).
 """
 
@@ -47,32 +47,37 @@ def _read_i32_2d(ggml: Any, t: int, head: _TensorHead) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(raw.view(np.int32), shape=shape, strides=strides).copy()
 
 
+def _layer_entry(seen: dict[int, dict[str, Any]], layer: int) -> dict[str, Any]:
+    return seen.setdefault(layer, {"pairs": None, "ids": None, "active": None, "per_token": None})
+
+
 def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str, Any]], np.ndarray]:
     """Decode ``tokens`` as one ubatch (logits for every position) in a fresh context on ``llm``'s
-    model. Returns, per MoE layer, ``{"pairs": executed activations, "ids": the mul_mat_id ids as
-    [columns, k] int32, "per_token": experts kept per token under Alloc-T, else None}``, and the
-    logits [n_tokens, n_vocab]."""
+    model. Returns, per MoE layer, ``{"pairs": slots of the ids tensor, "ids": the mul_mat_id ids as
+    [columns, k] int32, "active": executed activations (ids >= 0: the decode rule marks dropped
+    slots -1), "per_token": experts kept per token under Alloc-T, else None}``, and the logits
+    [n_tokens, n_vocab]."""
     ggml = _ggml_base()
     seen: dict[int, dict[str, Any]] = {}
 
     def callback(t: int, ask: bool, _: Any) -> bool:
-        name = (ggml.ggml_get_name(t) or b"").decode()
-        m = _NAME.match(name)
-        if ask:
+        m = _NAME.match((ggml.ggml_get_name(t) or b"").decode())
+        if ask or not m:
             return m is not None
-        if m:
-            layer = seen.setdefault(int(m.group(2)), {"pairs": None, "ids": None, "per_token": None})
-            head = _TensorHead.from_address(t)
-            if m.group(1) == "ffn_moe_topk":
-                layer["pairs"] = int(head.ne[0] * head.ne[1] * head.ne[2] * head.ne[3])
-                layer["ids"] = _read_i32_2d(ggml, t, head)
-            else:
-                buf = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
-                ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
-                layer["per_token"] = buf.reshape(int(head.ne[2]), int(head.ne[1])).sum(axis=1).astype(int).tolist()
+        layer = _layer_entry(seen, int(m.group(2)))
+        head = _TensorHead.from_address(t)
+        if m.group(1) == "ffn_moe_topk":
+            layer["pairs"] = int(head.ne[0] * head.ne[1] * head.ne[2] * head.ne[3])
+            layer["ids"] = _read_i32_2d(ggml, t, head)
+            layer["active"] = int((layer["ids"] >= 0).sum())
+        else:
+            buf = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
+            ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
+            layer["per_token"] = buf.reshape(int(head.ne[2]), int(head.ne[1])).sum(axis=1).astype(int).tolist()
         return True
 
-    logits = _decode(llm, tokens, callback)
+    with ProbeContext(llm, len(tokens), callback) as probe:
+        logits = probe.decode(tokens, 0, logits=True)
     return dict(sorted(seen.items())), logits
 
 
@@ -95,38 +100,135 @@ def kernel_nodes(llm: Any, tokens: Sequence[int]) -> dict[str, int]:
                 counts[op] = counts.get(op, 0) + 1
         return False
 
-    _decode(llm, tokens, callback)
+    with ProbeContext(llm, len(tokens), callback) as probe:
+        probe.decode(tokens, 0, logits=False)
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _decode(llm: Any, tokens: Sequence[int], callback: Callable[[int, bool, Any], bool]) -> np.ndarray:
-    """Decode ``tokens`` as one ubatch in a fresh context on ``llm``'s model with ``callback`` as the
-    scheduler's eval callback; return the logits of every position [n_tokens, n_vocab]."""
-    llama_cpp = llama_cpp_module()
-    cb = llama_cpp.ggml_backend_sched_eval_callback(callback)
-    n = len(tokens)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = max(n, 64)
-    params.n_batch = params.n_ubatch = max(n, 1)
-    params.type_k = params.type_v = 0  # f32 KV cache and no flash attention (which rounds Q to f16):
-    params.flash_attn_type = 0  # verification runs compare against f32 references
-    params.cb_eval = cb
-    params.cb_eval_user_data = None
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-    if not ctx:
-        raise RuntimeError("llama_init_from_model failed")
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
-    try:
-        for i, tok in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, True
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = n
-        rc = llama_cpp.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).copy()
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-    return logits
+_PROBS = re.compile(r"^ffn_moe_probs(_biased)?-(\d+)$")
+
+
+def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512) -> list[Any]:
+    """Routing statistics (`thresholds.LayerRouting` per MoE layer) of ``llm`` over ``tokens``: every
+    token's ``ranks`` largest selection scores as llama.cpp computes them (with the router's
+    selection bias where it has one), decoded in ubatches of up to ``ubatch`` tokens. Calibrates
+    the decode rule for a GGUF without a torch profile (a synthetic file, say)."""
+    from .thresholds import rank_quantiles
+
+    ggml = _ggml_base()
+    scores: dict[int, dict[bool, list[np.ndarray]]] = {}
+
+    def callback(t: int, ask: bool, _: Any) -> bool:
+        m = _PROBS.match((ggml.ggml_get_name(t) or b"").decode())
+        if ask or not m:
+            return m is not None
+        head = _TensorHead.from_address(t)
+        probs = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
+        ggml.ggml_backend_tensor_get(t, probs.ctypes.data, 0, probs.nbytes)
+        top = -np.sort(-probs.reshape(-1, int(head.ne[0])), axis=1)[:, :ranks]
+        scores.setdefault(int(m.group(2)), {}).setdefault(m.group(1) is not None, []).append(top)
+        return True
+
+    with ProbeContext(llm, min(ubatch, len(tokens)), callback) as probe:
+        for start in range(0, len(tokens), ubatch):
+            probe.clear()
+            probe.decode(tokens[start:start + ubatch], 0, logits=False)
+    return [rank_quantiles(layer, np.concatenate(by_kind.get(True) or by_kind[False]))
+            for layer, by_kind in sorted(scores.items())]
+
+
+class DecodeCounter:
+    """Decode one token per ubatch, as generation does, in a context of its own on a loaded model,
+    counting the experts each MoE layer runs per token (non-negative ids: under Alloc-T's decode
+    rule a token's count varies). Positions continue until `reset`."""
+
+    def __init__(self, llm: Any, n_ctx: int) -> None:
+        self._ggml = _ggml_base()
+        self.tokens = 0
+        self.activations: dict[int, int] = {}
+        self._probe = ProbeContext(llm, n_ctx, self._callback, n_ubatch=1)
+        self._pos = 0
+
+    def _callback(self, t: int, ask: bool, _: Any) -> bool:
+        m = _NAME.match((self._ggml.ggml_get_name(t) or b"").decode())
+        if ask or not m or m.group(1) != "ffn_moe_topk":
+            return m is not None and m.group(1) == "ffn_moe_topk"
+        layer = int(m.group(2))
+        ids = _read_i32_2d(self._ggml, t, _TensorHead.from_address(t))
+        self.activations[layer] = self.activations.get(layer, 0) + int((ids >= 0).sum())
+        return True
+
+    def step(self, token: int, logits: bool = True) -> np.ndarray | None:
+        """Decode ``token`` at the next position; its logits [n_vocab] when ``logits``."""
+        out = self._probe.decode([token], self._pos, logits=logits)
+        self._pos += 1
+        self.tokens += 1
+        return None if out is None else out[0]
+
+    def reset(self) -> None:
+        """Empty the KV cache: the next token is at position 0 (the counts are kept)."""
+        self._probe.clear()
+        self._pos = 0
+
+    def per_token(self) -> dict[int, float]:
+        """Mean experts per decoded token in each MoE layer."""
+        return {layer: n / self.tokens for layer, n in sorted(self.activations.items())} if self.tokens else {}
+
+    def close(self) -> None:
+        self._probe.close()
+
+
+class ProbeContext:
+    """A llama.cpp context on ``llm``'s model whose scheduler calls ``callback`` (ggml's eval
+    callback: asked for every graph node, called with the data of those it asked for); f32 KV
+    cache and no flash attention, as verification runs compare against f32 references."""
+
+    def __init__(self, llm: Any, n_ctx: int, callback: Callable[[int, bool, Any], bool],
+                 n_ubatch: int | None = None) -> None:
+        llama_cpp = llama_cpp_module()
+        self._lib, self._llm = llama_cpp, llm
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(callback)  # kept alive with the context
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = max(n_ctx, 64)
+        params.n_batch = params.n_ubatch = n_ubatch or max(n_ctx, 1)
+        params.type_k = params.type_v = 0
+        params.flash_attn_type = 0
+        params.cb_eval = self._cb
+        params.cb_eval_user_data = None
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
+
+    def decode(self, tokens: Sequence[int], pos: int, logits: bool) -> np.ndarray | None:
+        """Decode ``tokens`` at positions ``pos..`` (one llama_decode); every position's logits when asked."""
+        lib, n = self._lib, len(tokens)
+        batch = lib.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, logits
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = n
+            rc = lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            if not logits:
+                return None
+            return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab)).copy()
+        finally:
+            lib.llama_batch_free(batch)
+
+    def clear(self) -> None:
+        """Empty the KV cache."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
+
+    def close(self) -> None:
+        if self.ctx:
+            self._lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> ProbeContext:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

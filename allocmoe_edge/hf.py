@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import AllocMoeError
 from .plan import ModelIdentity
-from .token_alloc import check_bounds, select_ranked
+from .token_alloc import check_bounds, select_above, select_ranked
 
 N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "num_selected_experts")
@@ -198,6 +198,18 @@ def _per_layer(info: MoeInfo, counts: Sequence[int] | Mapping[int, int]) -> dict
     return {b: int(k) for b, k in zip(blocks, counts)}
 
 
+def _per_layer_values(info: MoeInfo, values: Sequence[float] | Mapping[int, float]) -> dict[int, float]:
+    """Per-MoE-layer values keyed by block index (a sequence is in MoE-layer order)."""
+    blocks = [layer.index for layer in info.layers]
+    if isinstance(values, Mapping):
+        if sorted(values) != blocks:
+            raise AllocMoeError(f"thresholds for blocks {sorted(values)}; the MoE layers are {blocks}")
+        return {b: float(values[b]) for b in blocks}
+    if len(values) != len(blocks):
+        raise AllocMoeError(f"{len(values)} thresholds for {len(blocks)} MoE layers")
+    return {b: float(v) for b, v in zip(blocks, values)}
+
+
 @contextlib.contextmanager
 def _counting(info: MoeInfo) -> Iterator[ActivationCounter]:
     """Count routed activations per layer while the context is open."""
@@ -255,8 +267,9 @@ def _selection_scores(info: MoeInfo, router: nn.Module, logits: torch.Tensor) ->
     return logits.float().softmax(dim=-1)
 
 
-def _alloc_t_hook(info: MoeInfo, k: int, k_min: int):
-    """A router forward hook that keeps the Alloc-T selection of the router's top-k_max candidates."""
+def _alloc_t_hook(info: MoeInfo, k: int, k_min: int, tau: float | None = None):
+    """A router forward hook that keeps the Alloc-T selection of the router's top-k_max candidates:
+    the batch rule over all tokens of the forward pass, or the decode rule with threshold ``tau``."""
     routing = info.routing
 
     def hook(router: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,7 +277,7 @@ def _alloc_t_hook(info: MoeInfo, k: int, k_min: int):
         scores = _selection_scores(info, router, logits).gather(1, index)
         order = scores.argsort(dim=1, descending=True)
         scores, weights, index = scores.gather(1, order), weights.gather(1, order), index.gather(1, order)
-        keep = select_ranked(scores, k, k_min)
+        keep = select_ranked(scores, k, k_min) if tau is None else select_above(scores, tau, k_min)
         kept = weights * keep
         if routing.renormalise:
             # weights are scaling x w / sum(w) over k_max candidates; renormalise over the kept ones
@@ -277,16 +290,21 @@ def _alloc_t_hook(info: MoeInfo, k: int, k_min: int):
 
 @contextlib.contextmanager
 def token_alloc(
-    model: nn.Module, counts: Sequence[int] | Mapping[int, int], k_min: int = 1, k_max: int | None = None
+    model: nn.Module, counts: Sequence[int] | Mapping[int, int], k_min: int = 1, k_max: int | None = None,
+    thresholds: Sequence[float] | Mapping[int, float] | None = None,
 ) -> Iterator[ActivationCounter]:
-    """Route each MoE layer by Alloc-T over all tokens of each forward pass; restore on exit.
+    """Route each MoE layer by Alloc-T; restore on exit.
 
-    ``counts`` gives k_l per MoE layer; ``k_max`` defaults to the model's top-k. Every router
-    runs at ``top_k = k_max``; a layer with ``k_l == k_max`` is then plain top-k_l, the
-    model's own routing unchanged.
+    ``counts`` gives k_l per MoE layer; ``k_max`` defaults to the model's top-k. Without
+    ``thresholds`` the batch rule runs over all tokens of each forward pass; with them (one per
+    MoE layer, as ``counts``) the decode rule runs on every token by itself, so a whole sequence
+    in one pass equals decoding it one token at a time. Every router runs at ``top_k = k_max``;
+    a layer with ``k_l`` equal to ``k_min`` or ``k_max`` is then plain top-k_l, the model's own
+    routing unchanged.
     """
     info = moe_info(model)
     per_layer = _per_layer(info, counts)
+    taus = None if thresholds is None else _per_layer_values(info, thresholds)
     k_max = info.k_orig if k_max is None else k_max
     max_k = info.routing.max_k(info.n_expert)
     if k_max > max_k:
@@ -295,7 +313,9 @@ def token_alloc(
         check_bounds(k, k_min, k_max, info.n_expert)
     rerouted = [layer for layer in info.layers if per_layer[layer.index] < k_max]
     handles = [
-        layer.router.register_forward_hook(_alloc_t_hook(info, per_layer[layer.index], k_min)) for layer in rerouted
+        layer.router.register_forward_hook(
+            _alloc_t_hook(info, per_layer[layer.index], k_min, None if taus is None else taus[layer.index]))
+        for layer in rerouted
     ]
     # Dropped candidates carry the sentinel index n_expert, which the fused experts
     # implementations skip only in expert-parallel mode (the eager loop always skips it).
@@ -314,15 +334,39 @@ def token_alloc(
             experts._is_expert_parallel = value
 
 
+@contextlib.contextmanager
+def routing_scores(model: nn.Module, ranks: int) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Collect, per MoE block, each routed token's ``ranks`` largest selection scores (best first,
+    float32 on the CPU; one [tokens, ranks] tensor per forward pass) while the context is open."""
+    info = moe_info(model)
+    ranks = min(ranks, info.n_expert)
+    collected: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in info.layers}
+
+    def hook_for(block: int):
+        def hook(router: nn.Module, args: Any, output: Any) -> None:
+            scores = _selection_scores(info, router, output[0].reshape(-1, info.n_expert))
+            collected[block].append(scores.topk(ranks, dim=-1, sorted=True).values.cpu())
+
+        return hook
+
+    handles = [layer.router.register_forward_hook(hook_for(layer.index)) for layer in info.layers]
+    try:
+        yield collected
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def expert_counts(
     model: nn.Module,
     counts: Sequence[int] | Mapping[int, int],
     alloc_t: bool = False,
     k_min: int = 1,
     k_max: int | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> contextlib.AbstractContextManager[ActivationCounter]:
-    """``token_alloc`` when ``alloc_t`` is set, else ``layer_topk``."""
-    return token_alloc(model, counts, k_min, k_max) if alloc_t else layer_topk(model, counts)
+    """``token_alloc`` (the decode rule when ``thresholds`` are given) when ``alloc_t`` is set, else ``layer_topk``."""
+    return token_alloc(model, counts, k_min, k_max, thresholds) if alloc_t else layer_topk(model, counts)
 
 
 def parse_max_memory(text: str) -> dict[int | str, str]:

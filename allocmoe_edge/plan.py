@@ -29,7 +29,8 @@ from .errors import AllocMoeError
 from .fsutil import atomic_write_json
 
 PLAN_FORMAT = "allocmoe-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: token_mode and token_thresholds (Alloc-T's decode rule); version 1 plans still load
+TOKEN_MODES = ("batch", "decode", "both")  # which Alloc-T rule runs (see gguf_meta)
 METHODS = ("uniform", "uniform+t", "alloc-l", "alloc-l+t", "lexi", "refined", "custom")
 
 
@@ -65,6 +66,15 @@ def _ints(values: Any, where: str) -> tuple[int, ...]:
     if not isinstance(values, (list, tuple)) or not all(_is_int(v) for v in values):
         raise AllocMoeError(f"{where}: expected a list of integers, got {values!r}")
     return tuple(int(v) for v in values)
+
+
+def _thresholds(values: Any) -> tuple[float | None, ...] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+                                               for v in values):
+        raise AllocMoeError(f"plan.token_thresholds: expected a list of numbers or nulls, got {values!r}")
+    return tuple(None if v is None else float(v) for v in values)
 
 
 def _int(value: Any, where: str) -> int:
@@ -223,6 +233,8 @@ class Plan:
     counts: tuple[int, ...]
     token_k_min: int = 1
     token_k_max: int | None = None
+    token_mode: str = "batch"
+    token_thresholds: tuple[float | None, ...] | None = None  # per MoE layer; None where k is k_min or k_max
     calibration: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] | None = None
     measured: dict[str, Any] | None = None
@@ -230,6 +242,8 @@ class Plan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "counts", tuple(self.counts))
+        if self.token_thresholds is not None:
+            object.__setattr__(self, "token_thresholds", tuple(self.token_thresholds))
         if self.token_k_max is None:
             object.__setattr__(self, "token_k_max", self.model.k_orig)
         self.validate()
@@ -245,8 +259,8 @@ class Plan:
         out = [f"model {p}" for p in m.problems()]
         if self.method not in METHODS:
             out.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.version != PLAN_VERSION:
-            out.append(f"version {self.version} is not {PLAN_VERSION}")
+        if not 1 <= self.version <= PLAN_VERSION:
+            out.append(f"version {self.version} is not in 1..{PLAN_VERSION}")
         if len(self.counts) != len(m.moe_layers):
             out.append(f"{len(self.counts)} counts for {len(m.moe_layers)} MoE layers")
         if not 1 <= k_min <= m.n_expert:
@@ -263,8 +277,35 @@ class Plan:
             out.append(f"budget count {self.budget.count} is outside [1, full budget {m.full_budget}]")
         if sum(self.counts) > self.budget.count:
             out.append(f"counts sum to {sum(self.counts)}, above the budget {self.budget.count}")
+        out += self._token_rule_problems()
         if out:
             raise AllocMoeError("invalid plan: " + "; ".join(out))
+
+    def _token_rule_problems(self) -> list[str]:
+        """What is wrong with ``token_mode`` and ``token_thresholds``."""
+        if self.token_mode not in TOKEN_MODES:
+            return [f"token_mode {self.token_mode!r} is not one of {', '.join(TOKEN_MODES)}"]
+        taus = self.token_thresholds
+        if taus is None:
+            return [] if self.token_mode == "batch" else [f"token_mode {self.token_mode} needs token_thresholds"]
+        if len(taus) != len(self.counts):
+            return [f"{len(taus)} token_thresholds for {len(self.counts)} MoE layers"]
+        out = []
+        for block, k, tau in zip(self.model.moe_layers, self.counts, taus):
+            ends = k in (self.token_k_min, self.token_k_max)
+            if (tau is None) != ends or (tau is not None and not math.isfinite(tau)):
+                out.append(f"token_thresholds at block {block}: expected "
+                           f"{'null (k is k_min or k_max)' if ends else 'a finite number'}, got {tau!r}")
+        return out
+
+    def block_thresholds(self) -> list[float] | None:
+        """The decode rule's threshold per block, as stored in a GGUF (inf: keep k_min, -inf: keep k_max)."""
+        if self.token_thresholds is None:
+            return None
+        out = [math.inf] * self.model.n_layer
+        for block, k, tau in zip(self.model.moe_layers, self.counts, self.token_thresholds):
+            out[block] = tau if tau is not None else (math.inf if k == self.token_k_min else -math.inf)
+        return out
 
     def check_against(self, identity: ModelIdentity) -> None:
         """Raise AllocMoeError naming every way this plan's model differs from ``identity``."""
@@ -299,6 +340,8 @@ class Plan:
             "counts": list(self.counts),
             "token_k_min": self.token_k_min,
             "token_k_max": self.token_k_max,
+            "token_mode": self.token_mode,
+            "token_thresholds": None if self.token_thresholds is None else list(self.token_thresholds),
             "calibration": self.calibration,
             "predicted": self.predicted,
             "measured": self.measured,
@@ -338,6 +381,8 @@ class Plan:
             counts=_ints(d["counts"], "plan.counts"),
             token_k_min=_int(d["token_k_min"], "plan.token_k_min"),
             token_k_max=_int(d["token_k_max"], "plan.token_k_max"),
+            token_mode=d.get("token_mode", "batch"),
+            token_thresholds=_thresholds(d.get("token_thresholds")),
             calibration=dict(d.get("calibration") or {}),
             predicted=d.get("predicted"),
             measured=d.get("measured"),

@@ -7,6 +7,10 @@ top-k, the paper's definition) and ``deeper-top1`` (blocks after b forced to top
 variant from the paper's notes). Every position of each window is scored; metrics are
 perplexity and mean KL divergence to the full-budget model.
 
+The full-budget pass also records each MoE layer's routing statistics (the quantiles of every
+token's r-th largest routing score, r up to twice the model's top-k; `thresholds`), from which
+`allocate` calibrates Alloc-T's decode rule.
+
 The sensitivity file is rewritten after each layer with ``"complete": false``, so an
 interrupted run keeps its layers and the same command resumes from them.
 """
@@ -26,8 +30,9 @@ from .errors import AllocMoeError
 from .fsutil import atomic_write_json
 
 SENSITIVITY_FORMAT = "allocmoe-sensitivity"
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2  # 2: routing statistics (version 1 files still load; they cannot calibrate thresholds)
 MODES = ("isolated", "deeper-top1")
+ROUTING_RANKS = 2  # routing statistics cover ranks 1 .. ROUTING_RANKS x top-k (the decode rule's k_max)
 
 
 @dataclass
@@ -115,11 +120,13 @@ def profile_layers(
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
     """Measure S[l, k] for every MoE block not in ``skip``.
 
-    Returns ``(full, layers, cost)``: the full-budget ``{"ppl", "nll"}``, one
-    ``{"layer", "ppl", "kld"}`` entry per profiled block, and ``{"seconds", "layer_forwards"}``.
+    Returns ``(full, layers, cost, routing)``: the full-budget ``{"ppl", "nll"}``, one
+    ``{"layer", "ppl", "kld"}`` entry per profiled block, ``{"seconds", "layer_forwards"}`` and
+    the routing statistics of the full-budget pass (one `thresholds.LayerRouting` per MoE block).
     ``on_layer(entry, full, cost)`` runs after each block; ``on_progress(n)`` after every n layer forwards.
     """
-    from .hf import layer_topk
+    from .hf import layer_topk, routing_scores
+    from .thresholds import rank_quantiles
     from .torch_eval import Quality
 
     if mode not in MODES:
@@ -137,13 +144,15 @@ def profile_layers(
     with torch.no_grad():
         caches = []
         full = Quality()
-        for window in windows:
-            cache, logits = cm.full_pass(window.unsqueeze(0))
-            caches.append(cache)
-            full.add(logits[:-1], window[1:].to(logits.device))
-            forwards += n_layer
-            if on_progress:
-                on_progress(n_layer)
+        with routing_scores(model, ROUTING_RANKS * k_orig) as scores:
+            for window in windows:
+                cache, logits = cm.full_pass(window.unsqueeze(0))
+                caches.append(cache)
+                full.add(logits[:-1], window[1:].to(logits.device))
+                forwards += n_layer
+                if on_progress:
+                    on_progress(n_layer)
+        routing = [rank_quantiles(b, torch.cat(scores[b]).numpy()) for b in blocks]
         full_result = full.result()
         for block in (b for b in blocks if b not in skip):
             deeper = {b: 1 for b in blocks if b > block} if mode == "deeper-top1" else {}
@@ -166,7 +175,7 @@ def profile_layers(
             layers.append(entry)
             if on_layer:
                 on_layer(entry, full_result, cost())
-    return full_result, layers, cost()
+    return full_result, layers, cost(), routing
 
 
 def planned_forwards(n_layer: int, blocks: list[int], k_orig: int, n_windows: int, mode: str) -> int:
@@ -250,7 +259,7 @@ def run_profile(
         doc.update(full=full, layers=[done[b] for b in sorted(done)], cost=total(cost))
         atomic_write_json(out, doc)
 
-    full, _, cost = profile_layers(
+    full, _, cost, routing = profile_layers(
         model,
         windows,
         mode,
@@ -258,6 +267,7 @@ def run_profile(
         on_layer=save,
         on_progress=on_progress,
     )
-    doc.update(full=full, complete=True, layers=[done[b] for b in sorted(done)], cost=total(cost))
+    doc.update(full=full, complete=True, layers=[done[b] for b in sorted(done)], cost=total(cost),
+               routing={"score": info.routing.score, "layers": [r.to_dict() for r in routing]})
     atomic_write_json(out, doc)
     return doc

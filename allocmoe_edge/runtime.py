@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AllocMoeError
-from .gguf_meta import ModelInfo, find_plan, open_reader, read_info
+from .gguf_meta import TOKEN_MODES, ModelInfo, find_plan, open_reader, read_info
 
 
 def llama_cpp_module() -> Any:
@@ -70,6 +70,7 @@ class LoadChoice:
     full_budget: bool = False  # allocmoe.enabled = false
     uniform_k: int | None = None  # stock `<arch>.expert_used_count` override, plan disabled
     token_k_max: int | None = None  # override Alloc-T's k_max (0 turns Alloc-T off)
+    token_mode: str | None = None  # override which Alloc-T rule runs: "batch", "decode" or "both" (gguf_meta)
 
     def kv_overrides(self, info: ModelInfo) -> dict[str, bool | int | float | str]:
         """The scalar kv_overrides that make llama.cpp run this choice."""
@@ -86,6 +87,10 @@ class LoadChoice:
             kv["allocmoe.plan_index"] = int(self.plan_index)
         if self.token_k_max is not None:
             kv["allocmoe.token_k_max"] = int(self.token_k_max)
+        if self.token_mode is not None:
+            if self.token_mode not in TOKEN_MODES:
+                raise AllocMoeError(f"token mode {self.token_mode!r} is not one of {', '.join(TOKEN_MODES)}")
+            kv["allocmoe.token_mode"] = self.token_mode
         return kv
 
 
@@ -122,8 +127,10 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
         warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
         kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
     if _alloc_t_on_gpu(info, kv, llama_kwargs.get("n_gpu_layers", 0)) and not os.environ.get(GPU_ALLOC_T_ENV):
-        warnings.warn(f"Alloc-T is off for GPU-offloaded layers: it aborted with a CUDA error on an H200 and is "
-                      f"unverified on GPUs; per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to try it)",
+        warnings.warn(f"Alloc-T is off for GPU-offloaded layers: it aborted with a CUDA error on an H200 (repeated "
+                      "experts in mul_mat_id's ids), and the fix (patch 0002: distinct experts per ids column) and the "
+                      "decode rule's skipped ids (patch 0004) have not run on a GPU yet (scripts/gpu_check.sh checks "
+                      f"them); per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to run Alloc-T there)",
                       stacklevel=2)
         kv["allocmoe.token_k_max"] = 0
     llama_kwargs.update(_cpu_moe_kwargs(info, cpu_moe, n_cpu_moe))

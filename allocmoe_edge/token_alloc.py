@@ -5,6 +5,10 @@ every token keeps its top-``k_min`` experts; the candidate ranks ``k_min+1..k_ma
 T tokens form one pool; the ``(k - k_min) x T`` pool entries with the largest routing
 scores are kept. Each token ends with between ``k_min`` and ``k_max`` experts and the
 group spends exactly ``k x T`` activations. With T = 1, or ``k_max == k``, it is plain top-k.
+
+The decode rule (`select_above`, thresholds from `thresholds`) is the large-T limit of the same
+rule applied to one token at a time: keep the top-``k_min`` and every further candidate whose
+score exceeds the layer's threshold.
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ def select_ranked(ranked: torch.Tensor, k: int, k_min: int = 1) -> torch.Tensor:
         tail = torch.zeros(pool.shape, dtype=torch.bool, device=ranked.device)
         tail[chosen] = True
         keep[:, k_min:] = tail.view(n_tokens, k_max - k_min)
+    return keep
+
+
+def select_above(ranked: torch.Tensor, tau: float, k_min: int = 1) -> torch.Tensor:
+    """The decode rule on ``ranked`` [T, k_max] (scores best first): a bool mask keeping each
+    token's first ``k_min`` slots and every further slot whose score exceeds ``tau``."""
+    keep = ranked > tau
+    keep[:, :k_min] = True
     return keep
 
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from .errors import AllocMoeError
 from .fsutil import read_text
 
-PlanSpec = tuple[Sequence[int], bool]  # (counts per MoE layer, Alloc-T on)
+class PlanSpec(NamedTuple):
+    """How a plan routes: counts per MoE layer, Alloc-T on (the batch rule over each window), and
+    for Alloc-T's decode rule instead its threshold per MoE layer."""
+
+    counts: Sequence[int]
+    alloc_t: bool
+    thresholds: Sequence[float] | None = None
 
 
 def token_windows(tokenizer: Any, text: str, ctx: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -76,7 +82,7 @@ class Quality:
 def measure(
     model: torch.nn.Module,
     windows: torch.Tensor,
-    plans: Mapping[str, PlanSpec],
+    plans: Mapping[str, PlanSpec | tuple[Any, ...]],
     k_min: int = 1,
     k_max: int | None = None,
     score_all: bool = False,
@@ -100,8 +106,9 @@ def measure(
             targets = window[first + 1 :].to(device)
             reference = model(ids, use_cache=False).logits[0, first:-1]
             full.add(reference, targets.to(reference.device))
-            for name, (counts, alloc_t) in plans.items():
-                with expert_counts(model, counts, alloc_t, k_min, k_max) as counter:
+            for name, spec in plans.items():
+                counts, alloc_t, thresholds = PlanSpec(*spec)
+                with expert_counts(model, counts, alloc_t, k_min, k_max, thresholds) as counter:
                     logits = model(ids, use_cache=False).logits[0, first:-1]
                 scores[name].add(logits, targets.to(logits.device), reference.to(logits.device))
                 spent[name].append(counter.total_per_token())
@@ -111,8 +118,8 @@ def measure(
         "full": full.result(),
         "plans": {
             name: {
-                "counts": list(plans[name][0]),
-                "alloc_t": plans[name][1],
+                "counts": list(PlanSpec(*plans[name]).counts),
+                "alloc_t": PlanSpec(*plans[name]).alloc_t,
                 **scores[name].result(),
                 "activations_per_token": sum(spent[name]) / len(spent[name]),
             }
@@ -124,7 +131,7 @@ def measure(
 def evaluate_torch(
     model_dir: str | os.PathLike[str],
     text_file: str | os.PathLike[str],
-    plans: Mapping[str, PlanSpec],
+    plans: Mapping[str, PlanSpec | tuple[Any, ...]],
     ctx: int = 512,
     max_tokens: int | None = None,
     k_min: int = 1,

@@ -6,19 +6,22 @@
 #   lib    the CUDA (sm_90) libllama of the patched tree through `allocmoe build-runtime --library-only`,
 #          cached by sdist, patch series and options: a carried or earlier build is reused, not rebuilt
 #   synth  (background) DeepSeek-V2-Lite (27 blocks) and Qwen3-30B-A3B ($QWEN3_LAYERS blocks) in q4_0,
-#          random weights, with uniform-split plans at 75/50/25 % (Alloc-T enabled)
+#          random weights, with uniform-split plans at 75/50/25 % (Alloc-T enabled: batch rule and decode
+#          thresholds calibrated on random tokens)
 #   diag   .carry/gpu-diag/diag.sh when carried: one mul_mat_id with distinct / repeated ids per column,
 #          and a 3-block DeepSeek-V2-Lite with Alloc-T at T = 8, 64, 512 against the CPU under several
 #          CUDA settings (launch blocking, no PDL, no graphs, no fusion, compute-sanitizer)
-#   tests  with every layer offloaded: llama.cpp against transformers (per-layer counts, Alloc-T, ids
-#          packing) and tests/test_gpu.py (GPU against CPU on the same ubatch, splits, CUDA graphs)
+#   tests  with every layer offloaded: llama.cpp against transformers (per-layer counts, Alloc-T's batch and
+#          decode rules, ids packing) and tests/test_gpu.py (GPU against CPU on the same ubatch: batch rule,
+#          decode rule through mmvq and mmq with skipped ids; splits, CUDA graphs, --cpu-moe)
 #   bench  `allocmoe bench --latency` (pp512, pp2048, tg128, 5 interleaved reps): DeepSeek-V2-Lite fully
 #          offloaded; Qwen3-30B-A3B with its routed experts in system memory (--cpu-moe); graph nodes
 #          per decoded token (the kernels a launch-bound decode pays for)
 # OUT gets at most 8 files (the device tool's limit): summary.txt, diag.txt, tests.log, bench-*.json,
 # bench-*.md, logs.tgz (everything else).
-# Options: STEPS, QWEN3_LAYERS=24, REPS=5, WORK=/tmp/allocmoe-gpu, LAYERS (truncate DeepSeek: quick runs);
-# a rehearsal of the plumbing on a machine without a GPU: LIB=<a CPU libllama folder> NGL=0 LAYERS=2 QWEN3_LAYERS=2.
+# Options: STEPS, QWEN3_LAYERS=24, REPS=5, PROMPTS=512,2048, NGEN=128, DEADLINE=570, WORK=/tmp/allocmoe-gpu,
+# LAYERS (truncate DeepSeek: quick runs); a rehearsal of the plumbing on a machine without a GPU:
+# LIB=<a CPU libllama folder> NGL=0 LAYERS=2 QWEN3_LAYERS=2 PROMPTS=16,32 NGEN=8 REPS=2.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,6 +38,16 @@ LOGS=$WORK/logs
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# the device tool stops a command at 600 s: every step gets at most what is left before DEADLINE,
+# less what the steps after it need (a bench rewrites its JSON after every round, so a stopped one
+# still leaves its measured rounds)
+DEADLINE=${DEADLINE:-570}
+cap() {  # cap WANTED RESERVED -> seconds for a step
+    local s=$(( DEADLINE - SECONDS - $2 ))
+    (( s > $1 )) && s=$1
+    (( s < 10 )) && s=10
+    echo "$s"
+}
 say() { printf '[%4ds] %s\n' "$SECONDS" "$*" | tee -a "$SUMMARY"; }
 
 # the H200 image segfaults when numpy is imported before a CUDA libllama: import llama_cpp first
@@ -57,14 +70,9 @@ synth_one() {  # shape layers output
     local raw=${3%.plans.gguf}.gguf
     [[ -f $3 ]] && return 0
     "$PY" -m allocmoe_edge synth --shape "$1" --type q4_0 ${2:+--layers "$2"} -o "$raw" &&
-    "$PY" -c "import sys; from allocmoe_edge.bench import stamp_uniform_split as s; s(sys.argv[1], sys.argv[2], (0.75, 0.5, 0.25))" \
+    "$PY" -c "import sys; from allocmoe_edge.bench import stamp_uniform_split as s; s(sys.argv[1], sys.argv[2], (0.75, 0.5, 0.25), True)" \
         "$raw" "$3" && rm -f "$raw"
 }
-synth_pid=
-if has synth; then
-    { synth_one deepseek-v2-lite "${LAYERS:-}" "$DSV2" && synth_one qwen3-30b-a3b "$QWEN3_LAYERS" "$QWEN3"; } >"$LOGS/synth.log" 2>&1 &
-    synth_pid=$!
-fi
 
 # CUDA's runtime libraries, for a library built elsewhere (its RPATH names only its own folder)
 for d in /usr/local/cuda/lib64 $("$PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null); do
@@ -89,25 +97,32 @@ if has lib && [[ -z $LIB ]]; then
     tail -2 "$LOGS/lib.log" | tee -a "$SUMMARY"
     [[ $rc -eq 0 ]] || { say "lib: FAILED (rc $rc)"; tail -30 "$LOGS/lib.log" >>"$SUMMARY"; exit 1; }
 fi
-if has diag || has tests || has bench; then
+if has synth || has diag || has tests || has bench; then
     LIB=${LIB:-$(tail -1 "$LOGS/lib.out" 2>/dev/null)}
     [[ -f $LIB/libllama.so ]] || { say "no library (run the lib step or set LIB)"; exit 1; }
     export LLAMA_CPP_LIB_PATH=$LIB PYTHONPATH="$WORK/site:$PYTHONPATH"
     "$PY" -m allocmoe_edge doctor >>"$SUMMARY" 2>&1
 fi
 
+# the synthetic models are stamped with decode thresholds calibrated by the library just built
+synth_pid=
+if has synth; then
+    { synth_one deepseek-v2-lite "${LAYERS:-}" "$DSV2" && synth_one qwen3-30b-a3b "$QWEN3_LAYERS" "$QWEN3"; } >"$LOGS/synth.log" 2>&1 &
+    synth_pid=$!
+fi
+
 # diag and tests check correctness, so they may share the GPU (and the 16 cores with synth)
 diag_pid=
 if has diag && [[ -f $C/gpu-diag/diag.sh ]]; then
     say "diag: started (.carry/gpu-diag/diag.sh)"
-    (BUILD=$(dirname "$LIB") LLAMA_SRC=$SRC REPO=$REPO PYTHON=$PY timeout 240 \
+    (BUILD=$(dirname "$LIB") LLAMA_SRC=$SRC REPO=$REPO PYTHON=$PY timeout "$(cap 240 230)" \
         bash "$C/gpu-diag/diag.sh" "$WORK/diag" >"$LOGS/diag.out" 2>&1; echo "diag exit $?" >>"$LOGS/diag.out") &
     diag_pid=$!
 fi
 if has tests; then
     say "tests: started (all layers offloaded)"
-    ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -ra \
-        tests/test_gpu.py tests/test_alloc_t.py "tests/test_runtime.py::test_per_layer_counts_match_transformers" \
+    ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 300 230)" "$PY" -m pytest -q -p no:cacheprovider -ra \
+        tests/test_gpu.py tests/test_alloc_t.py tests/test_decode_rule.py "tests/test_runtime.py::test_per_layer_counts_match_transformers" \
         "tests/test_runtime.py::test_full_budget_paths_are_bitwise_identical" >"$OUT/tests.log" 2>&1
     say "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
 fi
@@ -120,20 +135,20 @@ if [[ -n $synth_pid ]]; then
     wait "$synth_pid" || { say "synth: FAILED"; tail -20 "$LOGS/synth.log" >>"$SUMMARY"; }
 fi
 
-bench() {  # name model budgets [bench options...]
-    local name=$1 model=$2 budgets=$3; shift 3
+bench() {  # name model budgets seconds reserved [bench options...]
+    local name=$1 model=$2 budgets=$3 limit; limit=$(cap "$4" "$5"); shift 5
     [[ -f $model ]] || { say "bench $name: no model"; return; }
-    say "bench $name: $*"
-    ALLOCMOE_GPU_ALLOC_T=1 timeout 170 "$PY" -m allocmoe_edge bench "$model" --budgets "$budgets" --reps "${REPS:-5}" \
-        -p 512,2048 -n 128 -ngl "$NGL" --latency --timeout 150 --json "$OUT/bench-$name.json" "$@" \
-        >"$OUT/bench-$name.md" 2>"$LOGS/bench-$name.log"
+    say "bench $name ($limit s): $*"
+    ALLOCMOE_GPU_ALLOC_T=1 timeout "$limit" "$PY" -m allocmoe_edge bench "$model" --budgets "$budgets" --reps "${REPS:-5}" \
+        -p "${PROMPTS:-512,2048}" -n "${NGEN:-128}" -ngl "$NGL" --latency --timeout "$limit" --json "$OUT/bench-$name.json" \
+        "$@" >"$OUT/bench-$name.md" 2>"$LOGS/bench-$name.log"
     say "bench $name: exit $?"
 }
 if has bench; then
-    bench dsv2lite-gpu "$DSV2" 1,0.75,0.5,0.25
-    bench qwen3-hybrid "$QWEN3" 1,0.5 --cpu-moe -t 16
+    bench dsv2lite-gpu "$DSV2" 1,0.75,0.5,0.25 170 130
+    bench qwen3-hybrid "$QWEN3" 1,0.5 150 30 --cpu-moe -t 16
     say "graph nodes per decoded token (DeepSeek-V2-Lite, all layers offloaded)"
-    ALLOCMOE_GPU_ALLOC_T=1 timeout 60 "$PY" - "$DSV2" "$NGL" <<'EOF' 2>>"$LOGS/nodes.log" | tee -a "$SUMMARY"
+    ALLOCMOE_GPU_ALLOC_T=1 timeout "$(cap 40 0)" "$PY" - "$DSV2" "$NGL" <<'EOF' 2>>"$LOGS/nodes.log" | tee -a "$SUMMARY"
 import sys
 from allocmoe_edge.graph_probe import kernel_nodes
 from allocmoe_edge.runtime import LoadChoice, load

@@ -143,6 +143,37 @@ def test_plan_from_sensitivity(metric):
     assert plan.layer_expert_counts() == [4, 4, 1, 1]
 
 
+def _with_routing(sens, seed=0):
+    """The sensitivity file of a version 2 profile: routing statistics of random softmax routers."""
+    from allocmoe_edge.thresholds import rank_quantiles
+
+    rng = np.random.default_rng(seed)
+    layers = []
+    for b in sens["model"]["moe_layers"]:
+        logits = rng.normal(size=(2000, sens["model"]["n_expert"])) * 2
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        layers.append(rank_quantiles(b, -np.sort(-p, axis=1)[:, :8]).to_dict())
+    return {**sens, "version": 2, "routing": {"score": "softmax", "layers": layers}}
+
+
+def test_decode_thresholds_from_the_profile_routing_statistics():
+    from allocmoe_edge.thresholds import LayerRouting, expected_count
+
+    sens = _with_routing(make_sensitivity())
+    plan = plan_from_sensitivity(sens, 8, "uniform+t")  # counts (3, 3, 2), k 1..4
+    assert plan.counts == (3, 3, 2) and plan.token_mode == "both"
+    stats = {d["layer"]: LayerRouting.from_dict(d) for d in sens["routing"]["layers"]}
+    for block, k, tau in zip(plan.model.moe_layers, plan.counts, plan.token_thresholds):
+        assert expected_count(stats[block], tau, 1, 4) == pytest.approx(k, abs=1e-3)
+    edges = plan_from_sensitivity(sens, 6, "alloc-l+t", token_mode="decode")  # counts (4, 1, 1): k_max, k_min
+    assert edges.counts == (4, 1, 1) and edges.token_thresholds == (None, None, None)
+    assert plan_from_sensitivity(sens, 8, "uniform+t", token_mode="batch").token_thresholds is None
+    assert plan_from_sensitivity(sens, 8, "uniform").token_mode == "batch"  # Alloc-T off: no rule
+    assert plan_from_sensitivity(make_sensitivity(), 8, "uniform+t").token_mode == "batch"  # version 1: no statistics
+    with pytest.raises(AllocMoeError, match="no routing statistics"):
+        plan_from_sensitivity(make_sensitivity(), 8, "uniform+t", token_mode="both")
+
+
 def test_plan_from_sensitivity_methods_and_bounds():
     sens = make_sensitivity()
     alloc_l = plan_from_sensitivity(sens, 6, "alloc-l", k_min=1, k_max=3)
@@ -160,7 +191,7 @@ def test_plan_from_sensitivity_methods_and_bounds():
     "edit, message",
     [
         (lambda s: s.update(format="other"), "not an allocmoe sensitivity"),
-        (lambda s: s.update(version=2), "version"),
+        (lambda s: s.update(version=3), "version"),
         (lambda s: s.update(mode="weird"), "mode"),
         (lambda s: s["layers"].pop(), "covers blocks"),
         (lambda s: s["layers"][0].update(kld=[0.0]), "must be 4 finite"),

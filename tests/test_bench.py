@@ -117,7 +117,8 @@ def test_jobs_are_plain_json_and_pass_placement_only_when_set(tmp_path):
     config = EvalConfig("alloc-l (plan 1)", "alloc-l", plan=1)
     plain = job(tmp_path / "m.gguf", config, BenchOptions(prompts=(512, 2048), n_gen=128, threads=2))
     assert json.loads(json.dumps(plain)) == plain
-    assert plain["choice"] == {"plan_index": 1, "full_budget": False, "uniform_k": None, "token_k_max": 0}
+    assert plain["choice"] == {"plan_index": 1, "full_budget": False, "uniform_k": None, "token_k_max": 0,
+                               "token_mode": None}
     assert plain["llama"] == {"n_ctx": 2176, "n_batch": 2048, "n_ubatch": 2048, "n_gpu_layers": 0,
                               "flash_attn": False, "n_threads": 2, "n_threads_batch": 2}
     hybrid = job(tmp_path / "m.gguf", config, BenchOptions(n_gpu_layers=99, cpu_moe=True, n_cpu_moe=3))
@@ -173,18 +174,20 @@ def test_speedups_and_table_mark_ties_and_failures():
             for n, m, b, c, lim, meas, err in [
                 ("full", "full", 1.0, 16, 1.0, base, None), ("p", "plan", 0.5, 8, 1.3, tie, None),
                 ("u", "uniform", 0.5, 8, 1.3, {"tests": None}, "killed by SIGABRT")]]
+    rows[1]["decode_activations"] = {"total": 7.625, "per_layer": {"1": 7.625}, "tokens": 32}  # measured, decode rule
     add_speedups(rows)
     assert rows[0]["tests"]["pp16"]["speedup"] == BASELINE and rows[2]["tests"] is None
     assert rows[1]["tests"]["pp16"]["speedup"]["tie"] is True and rows[1]["tests"]["tg4"]["speedup"]["tie"] is False
     result = {"model": "/x/m.gguf", "tests": opts.test_names(), "options": {"latency": False},
               "placement": {"limit": "decode_limit"}, "rows": rows}
     lines = markdown(result).splitlines()
-    assert lines[0] == ("| model | budget | method | alloc-t | pp16 t/s | tg4 t/s | speedup pp16 | speedup tg4 "
-                        "| decode limit |")
+    assert lines[0] == ("| model | budget | method | alloc-t | act/token decoded | pp16 t/s | tg4 t/s | speedup pp16 "
+                        "| speedup tg4 | decode limit |")
     # 16 / 0.5 and 16 / 0.52 tokens/s; 4 / 0.044 and 4 / 0.048
-    assert lines[2] == "| m.gguf | 1.00 (16) | full | off | 31.38 ± 0.87 | 87.12 ± 5.36 | 1.00x | 1.00x | 1.00x |"
+    assert lines[2] == "| m.gguf | 1.00 (16) | full | off | - | 31.38 ± 0.87 | 87.12 ± 5.36 | 1.00x | 1.00x | 1.00x |"
+    assert lines[3].startswith("| m.gguf | 0.50 (8) | plan | off | 7.62 |")
     assert lines[3].endswith("| 1.00x (tie) | 1.90x | 1.30x |")  # pp 31.42 vs 31.38; tg 165.3 vs 87.1
-    assert lines[4] == "| m.gguf | 0.50 (8) | uniform | off | failed | failed | - | - | 1.30x |"
+    assert lines[4] == "| m.gguf | 0.50 (8) | uniform | off | - | failed | failed | - | - | 1.30x |"
 
 
 def test_options_reject_bad_input():

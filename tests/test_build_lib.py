@@ -65,13 +65,17 @@ def test_gpu_check_script_parses():
 
 @pytest.mark.slow
 def test_gpu_check_synth_step_on_cpu(tmp_path):
-    """The check's synth step (what it can run without a GPU): both models with uniform-split plans."""
+    """The check's synth step (what it can run without a GPU, with this machine's library): both models
+    with uniform-split plans and decode thresholds."""
+    import llama_cpp
+
     subprocess.run([sys.executable, str(ROOT / "scripts" / "device_carry.py")], check=True, capture_output=True)
     env = {**os.environ, "STEPS": "synth", "LAYERS": "2", "QWEN3_LAYERS": "2", "PYTHON": sys.executable,
-           "WORK": str(tmp_path / "work")}
+           "WORK": str(tmp_path / "work"), "LIB": str(Path(llama_cpp.__file__).parent / "lib")}
     out = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     dsv2 = read_info(tmp_path / "work" / "dsv2lite-q4_0-2l.plans.gguf")
     assert dsv2.architecture == "deepseek2" and [p.budget_count for p in dsv2.plans] == [4, 3, 1]  # of 6
+    assert dsv2.allocmoe["token_mode"] == "both" and all(p.thresholds is not None for p in dsv2.plans)
     qwen3 = read_info(tmp_path / "work" / "qwen3-30b-a3b-q4_0-2l.plans.gguf")
     assert qwen3.architecture == "qwen3moe" and [p.budget_count for p in qwen3.plans] == [12, 8, 4]  # of 16

@@ -3,6 +3,7 @@ converter and quantizer, plans stamped; f32 logits against transformers, q8_0 to
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -98,3 +99,12 @@ def test_unknown_bpe_pre_tokenizer(tmp_path):
     import gguf
 
     assert gguf.GGUFReader(out).get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+
+
+def test_published_calibration_names_the_file_not_its_path():
+    from allocmoe_edge.convert import calibration_provenance
+
+    stored = json.loads(calibration_provenance({"path": "/home/someone/data/calib.txt", "sha256": "ab" * 32,
+                                                "n_tokens": 8192, "profile_mode": "isolated"}))
+    assert stored == {"file": "calib.txt", "sha256": "ab" * 32, "n_tokens": 8192, "profile_mode": "isolated"}
+    assert "/home" not in json.dumps(stored)

@@ -29,20 +29,21 @@ def gpu() -> None:
 
 @pytest.fixture(scope="module")
 def dsv2_tiny(tmp_path_factory):
-    """The 3-block DeepSeek-V2-Lite synth with uniform-split plans at 75/50/25 % (Alloc-T enabled)."""
+    """The 3-block DeepSeek-V2-Lite synth with uniform-split plans at 75/50/25 % (Alloc-T enabled, with
+    decode thresholds)."""
     from allocmoe_edge.bench import stamp_uniform_split
     from allocmoe_edge.synth import synthesize
 
     folder = tmp_path_factory.mktemp("dsv2")
     src = synthesize("deepseek-v2-lite", "q4_0", folder / "dsv2-3.gguf", n_layer=3)
-    info = stamp_uniform_split(src, folder / "dsv2-3.plans.gguf", (0.75, 0.5, 0.25))
+    info = stamp_uniform_split(src, folder / "dsv2-3.plans.gguf", (0.75, 0.5, 0.25), decode_rule=True)
     return info
 
 
-def _probe(info, ngl: int, tokens: list[int], alloc_t: bool):
+def _probe(info, ngl: int, tokens: list[int], alloc_t: bool, token_mode: str | None = None):
     from allocmoe_edge.graph_probe import moe_activations
 
-    choice = LoadChoice(plan_index=1, token_k_max=None if alloc_t else 0)  # plan 1: 50 %
+    choice = LoadChoice(plan_index=1, token_k_max=None if alloc_t else 0, token_mode=token_mode)  # plan 1: 50 %
     llm = load(info.path, choice, info=info, n_gpu_layers=ngl, n_ctx=len(tokens), n_batch=len(tokens),
                n_ubatch=len(tokens))
     try:
@@ -65,6 +66,23 @@ def test_alloc_t_gpu_matches_cpu_on_the_same_ubatch(gpu, dsv2_tiny, monkeypatch,
         assert a["per_token"] is not None and sum(a["per_token"]) == a["pairs"]  # Alloc-T ran on the GPU
         assert all(len(set(col.tolist())) == len(col) for col in a["ids"]), f"layer {layer}: repeated expert"
     assert sorted(acts_gpu) == sorted(acts_cpu)
+
+
+@pytest.mark.parametrize("T", [1, 4, 64, 512])
+def test_decode_rule_gpu_matches_cpu(gpu, dsv2_tiny, monkeypatch, T):
+    """The decode rule on every ubatch: T = 1 and 4 take mmvq, 64 and 512 the batched mmq path, each
+    skipping the ids marked -1; the logits and the experts run match the CPU's."""
+    monkeypatch.setenv("ALLOCMOE_GPU_ALLOC_T", "1")
+    tokens = np.random.default_rng(T).integers(3, 102400, T).tolist()
+    acts_cpu, cpu = _probe(dsv2_tiny, 0, tokens, alloc_t=True, token_mode="decode")
+    acts_gpu, got = _probe(dsv2_tiny, 99, tokens, alloc_t=True, token_mode="decode")
+    assert np.isfinite(got).all()
+    top1 = float(np.mean(got.argmax(axis=1) == cpu.argmax(axis=1)))
+    nmse = float(((got - cpu) ** 2).sum() / (cpu ** 2).sum())
+    assert top1 >= TOP1_MIN and nmse < 1e-2, f"T={T}: top-1 agreement {top1:.4f}, NMSE {nmse:.2e}"
+    for layer, a in acts_gpu.items():
+        assert (a["ids"] < 0).any() or T == 1  # candidates were dropped
+        assert abs(a["active"] - acts_cpu[layer]["active"]) <= max(1, 0.01 * a["active"]), (layer, a, acts_cpu[layer])
 
 
 def _graph_log(capfd, info, alloc_t: bool) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -95,9 +96,31 @@ def test_plan_json_round_trip(tmp_path):
     path = tmp_path / "sub" / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["format"] == "allocmoe-plan" and data["version"] == 1
+    assert data["format"] == "allocmoe-plan" and data["version"] == 2
     assert data["budget"] == {"fraction": 0.5, "count": 78, "full": 156}
     assert Plan.load(path) == plan
+
+
+def test_decode_thresholds_validated_round_tripped_and_per_block(tmp_path):
+    counts = [1, 6] + [3] * 23 + [2]  # k_min, k_max, then layers the decode rule thresholds (78 in all)
+    plan = make_plan(counts=counts, token_mode="both", token_thresholds=[None, None] + [0.125] * 24)
+    plan.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == plan
+    assert plan.block_thresholds()[:4] == [math.inf, math.inf, -math.inf, 0.125]  # block 0 is dense
+    with pytest.raises(AllocMoeError, match="token_mode decode needs token_thresholds"):
+        make_plan(counts=counts, token_mode="decode")
+    with pytest.raises(AllocMoeError, match="block 1: expected null"):
+        make_plan(counts=counts, token_mode="both", token_thresholds=[0.5] * 26)
+    with pytest.raises(AllocMoeError, match="block 3: expected a finite number"):
+        make_plan(counts=counts, token_mode="both", token_thresholds=[None, None, math.inf] + [0.1] * 23)
+    assert make_plan(counts=counts, token_mode="both", token_thresholds=[None, None] + [0.125] * 24).alloc_t
+    with pytest.raises(AllocMoeError, match="token_mode 'sometimes'"):
+        make_plan(token_mode="sometimes")
+    # a version 1 plan (no token rule fields) still loads, as the batch rule
+    data = {**plan.to_dict(), "version": 1}
+    del data["token_mode"], data["token_thresholds"]
+    old = Plan.from_dict(data)
+    assert old.version == 1 and old.token_mode == "batch" and old.token_thresholds is None
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
@@ -148,7 +171,7 @@ def test_check_against():
     "edit, message",
     [
         (lambda d: d.update(format="gguf"), "not an allocmoe plan"),
-        (lambda d: d.update(version=2), "newer than this allocmoe-edge supports"),
+        (lambda d: d.update(version=3), "newer than this allocmoe-edge supports"),
         (lambda d: d.update(version=0), "unknown plan version 0"),
         (lambda d: d.pop("counts"), r"missing field\(s\) counts"),
         (lambda d: d["model"].pop("n_expert"), r"plan.model: missing field\(s\) n_expert"),

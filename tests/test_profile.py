@@ -43,9 +43,13 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
 def _check_cached_path(m: torch.nn.Module, w: torch.Tensor, mode: str) -> None:
     """profile_layers (cached block inputs) gives the numbers of full forwards with the same counts."""
     info = moe_info(m)
-    full, layers, cost = profile_layers(m, w, mode)
+    full, layers, cost, routing = profile_layers(m, w, mode)
     blocks = [layer.index for layer in info.layers]
     assert [e["layer"] for e in layers] == blocks
+    # routing statistics of the full-budget pass: every token's top-2k scores, best first, per block
+    assert [r.layer for r in routing] == blocks
+    assert all(r.n_tokens == w.numel() and r.ranks == min(2 * info.k_orig, info.n_expert) for r in routing)
+    assert all(r.quantiles[0][q] >= r.quantiles[-1][q] for r in routing for q in (0, 128, 256))  # rank 1 >= rank 2k
     assert cost["layer_forwards"] == planned_forwards(info.n_layer, blocks, info.k_orig, len(w), mode)
     with torch.no_grad():
         w = w.to(m.device)
@@ -84,7 +88,8 @@ def test_profile_writes_resumes_and_reports_cost(saved, tmp_path):
     model_dir, calib = saved
     out = tmp_path / "sens.json"
     fresh = run_profile(model_dir, calib, tmp_path / "fresh.json", ctx=32, max_tokens=128)
-    assert fresh["complete"] and fresh["format"] == "allocmoe-sensitivity" and fresh["version"] == 1
+    assert fresh["complete"] and fresh["format"] == "allocmoe-sensitivity" and fresh["version"] == 2
+    assert [r["layer"] for r in fresh["routing"]["layers"]] == [e["layer"] for e in fresh["layers"]]
     assert set(fresh) >= {"model", "calibration", "mode", "full", "layers", "cost"}
     assert fresh["calibration"]["n_tokens"] == 128 and fresh["calibration"]["ctx"] == 32
     assert [len(e["ppl"]) for e in fresh["layers"]] == [3, 3, 3]

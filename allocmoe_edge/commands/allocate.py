@@ -11,6 +11,7 @@ import click
 
 from ..allocate import ALLOCATE_METHODS, METRICS
 from ..errors import AllocMoeError
+from ..plan import TOKEN_MODES
 
 
 @click.command("allocate")
@@ -54,6 +55,17 @@ from ..errors import AllocMoeError
     "uniform: the same k in every layer (baseline).",
 )
 @click.option(
+    "--alloc-t",
+    "token_mode",
+    type=click.Choice(TOKEN_MODES),
+    default=None,
+    help="Which Alloc-T rule the plan runs (methods with +t): batch = redistribute the activations of each "
+    "ubatch of several tokens among them (prefill), one token at a time plain per-layer top-k; decode = "
+    "per token, keep the top-k_min experts plus the candidates whose routing score clears a per-layer "
+    "threshold calibrated to the layer's count (every ubatch); both = decode for one token at a time, batch "
+    "above.  [default: both when the sensitivity file has routing statistics, else batch]",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -68,6 +80,7 @@ def command(
     k_min: int,
     k_max: int | None,
     method: str,
+    token_mode: str | None,
     output: Path | None,
     as_json: bool,
 ) -> None:
@@ -79,7 +92,8 @@ def command(
         raise click.UsageError("give -o PLAN.json, or --json to print the plan")
     if output is not None and output.exists() and output.samefile(sensitivity):
         raise AllocMoeError(f"-o {output} is the sensitivity file itself; choose another output path")
-    plan = plan_from_sensitivity(read_json(sensitivity, "sensitivity file"), budget, method, k_min, k_max, metric)
+    plan = plan_from_sensitivity(read_json(sensitivity, "sensitivity file"), budget, method, k_min, k_max, metric,
+                                 token_mode)
     source = {"sensitivity_file": sensitivity.name, "sensitivity_sha256": hashlib.sha256(sensitivity.read_bytes()).hexdigest()}
     plan = dataclasses.replace(plan, calibration={**plan.calibration, **source})
     if output is not None:
@@ -89,12 +103,15 @@ def command(
         return
     predicted = plan.predicted
     assert predicted is not None  # plan_from_sensitivity always predicts
-    click.echo(f"{'block':>5}  {'count':>5}  {metric:>10}")
-    for block, count, cost in zip(plan.model.moe_layers, plan.counts, predicted["per_layer"]):
-        click.echo(f"{block:>5}  {count:>5}  {cost:>10.5g}")
+    taus = plan.token_thresholds or (None,) * len(plan.counts)
+    click.echo(f"{'block':>5}  {'count':>5}  {metric:>10}" + (f"  {'threshold':>10}" if plan.token_thresholds else ""))
+    for block, count, cost, tau in zip(plan.model.moe_layers, plan.counts, predicted["per_layer"], taus):
+        rule = "" if plan.token_thresholds is None else f"  {'-' if tau is None else format(tau, '.4g'):>10}"
+        click.echo(f"{block:>5}  {count:>5}  {cost:>10.5g}{rule}")
     b = plan.budget
     click.echo(f"{'total':>5}  {sum(plan.counts):>5}  {predicted['cost']:>10.5g}")
-    alloc_t = f"Alloc-T tokens k {plan.token_k_min}..{plan.token_k_max}" if plan.alloc_t else "Alloc-T off"
+    alloc_t = (f"Alloc-T tokens k {plan.token_k_min}..{plan.token_k_max}, {plan.token_mode} rule"
+               if plan.alloc_t else "Alloc-T off")
     click.echo(f"budget {b.count} of {plan.model.full_budget} ({100 * b.fraction:.4g}%), {method}, {alloc_t}")
     estimates = ", ".join(f"{m} {predicted[m]:.5g}" for m in METRICS if m in predicted)
     click.echo(f"predicted (layer effects summed): {estimates}")

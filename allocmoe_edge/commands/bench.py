@@ -48,7 +48,8 @@ def _prompts(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
               help="Configurations loaded at once (default: as many as system memory holds). Each holds its own "
                    "GPU-offloaded weights: lower this when they do not all fit in GPU memory; the rest are "
                    "reloaded for every repetition.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full result here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the full result here (also after every round of repetitions, marked incomplete).")
 def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[int, ...], n_gen: int, latency: bool,
             threads: int | None, n_gpu_layers: int, cpu_moe: bool, n_cpu_moe: int, flash_attn: bool,
             timeout: float | None, max_loaded: int | None, json_out: str | None) -> None:
@@ -74,7 +75,9 @@ def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[in
     opts = BenchOptions(budgets=budgets, reps=reps, prompts=prompts, n_gen=n_gen, latency=latency, threads=threads,
                         n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, flash_attn=flash_attn,
                         timeout=timeout, max_loaded=max_loaded)
-    result = bench(model, opts, log=lambda msg: click.echo(msg, err=True))
+    # --json is rewritten after every round of repetitions ("complete": false until the end)
+    result = bench(model, opts, log=lambda msg: click.echo(msg, err=True),
+                   on_round=(lambda partial: atomic_write_json(json_out, partial)) if json_out else None)
     click.echo(markdown(result))
     click.echo(f"\nbackend {result['backend']}, threads {result['threads']}, ngl {n_gpu_layers}, "
                f"plans: {result['plans_source']}, {reps} interleaved repetition(s), "

@@ -35,12 +35,19 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (llama backend; default: llama.cpp's choice).")
 @click.option("-ngl", "--n-gpu-layers", default=0, show_default=True,
               help="Layers to offload to the GPU (llama backend; -1 = all).")
+@click.option("--decode", is_flag=True,
+              help="The decode protocol: every chunk is decoded one token per ubatch, as generation runs, so "
+                   "Alloc-T rows run the decode rule (per-token thresholds) instead of the batch rule, and each "
+                   "row reports the experts per token measured while decoding. Torch backend: Alloc-T rows use "
+                   "the plans' decode thresholds.")
 @cpu_moe_options
 def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: list[float] | None,
             json_out: str | None, backend: str, plan_files: tuple[str, ...], threads: int | None,
-            n_gpu_layers: int, cpu_moe: bool, n_cpu_moe: int) -> None:
+            n_gpu_layers: int, decode: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
     """Measure MODEL at full budget, at each stored plan with Alloc-T on and off, and at uniform
-    top-k of the same budgets, on TEXT with llama-perplexity's protocol; print a markdown table."""
+    top-k of the same budgets, on TEXT with llama-perplexity's protocol; print a markdown table.
+
+    Example: allocmoe eval model.budget.gguf --text heldout.txt --decode --json eval-decode.json"""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -57,16 +64,17 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
                 raise AllocMoeError("--plan is for the torch backend; a GGUF carries its plans (see `allocmoe inspect`)")
             result = evaluate_llama(
                 model, text_file, ctx=ctx, chunks=chunks, budgets=budgets, n_threads=threads,
-                n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+                n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, decode=decode,
                 progress=lambda name, done, total: progress.update(task, description=name, completed=done, total=total))
         else:
             if cpu_moe or n_cpu_moe:
                 raise AllocMoeError("--cpu-moe and --n-cpu-moe are for the llama backend")
             result = evaluate_torch_plans(
-                model, text_file, plan_files, ctx=ctx, chunks=chunks, budgets=budgets,
+                model, text_file, plan_files, ctx=ctx, chunks=chunks, budgets=budgets, decode=decode,
                 on_window=lambda: progress.update(task, description="all configurations", advance=1))
     click.echo(markdown_table(result))
-    click.echo(f"\n{result['chunks']} chunks of {ctx} tokens ({backend} backend)")
+    protocol = "one token per ubatch" if decode else "one ubatch per chunk"
+    click.echo(f"\n{result['chunks']} chunks of {ctx} tokens ({backend} backend, {protocol})")
     if json_out:
         atomic_write_json(json_out, result)
         click.echo(f"wrote {json_out}")

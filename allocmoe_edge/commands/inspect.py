@@ -38,10 +38,26 @@ def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
     if "layer_expert_counts" not in meta:
         click.echo("allocmoe: no plan (runs at the original top-k)")
         return
+    mode = meta.get("token_mode", "batch")
     click.echo(f"allocmoe: format {meta.get('version')}, enabled={meta.get('enabled', True)}, "
-               f"Alloc-T k_min={meta.get('token_k_min', 1)} k_max={meta.get('token_k_max', 0)} (0 = off)")
+               f"Alloc-T k_min={meta.get('token_k_min', 1)} k_max={meta.get('token_k_max', 0)} (0 = off), "
+               f"rule: {mode} ({RULES[mode]})")
     default = meta.get("plan_default", 0)
     for i, p in enumerate(info.plans):
         mark = "*" if i == default else " "
         click.echo(f" {mark} plan {i}: {p.name} ({p.method}) budget {p.budget:.3f} = {p.budget_count} "
                    f"activations; counts {','.join(map(str, p.counts))}")
+        if p.thresholds is not None:
+            taus = [_threshold(p.thresholds[b]) for b in info.moe_layers]
+            click.echo(f"     decode thresholds {','.join(taus)}")
+
+
+# what each allocmoe.token_mode runs (gguf_meta)
+RULES = {"batch": "batch rule for ubatches of several tokens, per-layer top-k one token at a time",
+         "decode": "decode rule (per-token thresholds) for every ubatch",
+         "both": "decode rule one token at a time, batch rule for ubatches of several tokens"}
+
+
+def _threshold(tau: float) -> str:
+    """A decode threshold for display: '-' where the layer keeps k_min or k_max experts (inf / -inf)."""
+    return f"{tau:.3g}" if abs(tau) != float("inf") else "-"

@@ -1,0 +1,206 @@
+"""Alloc-T's decode rule: threshold calibration (thresholds.py), the torch reference (select_above,
+hf.token_alloc with thresholds) and llama.cpp one token per ubatch against it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from allocmoe_edge.errors import AllocMoeError
+from allocmoe_edge.thresholds import LayerRouting, expected_count, plan_thresholds, rank_quantiles, solve_threshold
+from allocmoe_edge.token_alloc import select_above
+
+
+def _ranked(n: int = 4000, n_expert: int = 16, seed: int = 0) -> np.ndarray:
+    """Softmax routing scores of random logits, each row sorted best first."""
+    logits = np.random.default_rng(seed).normal(size=(n, n_expert)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return -np.sort(-p, axis=1)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_threshold_meets_the_mean_count_on_its_calibration_scores(k):
+    ranked = _ranked()
+    tau = solve_threshold(rank_quantiles(0, ranked), k, k_min=1, k_max=6)
+    kept = 1 + (ranked[:, 1:6] > tau).sum(axis=1)  # the decode rule, counted directly
+    assert abs(kept.mean() - k) < 0.02 * k, (kept.mean(), k)
+    assert 1 <= kept.min() and kept.max() <= 6
+
+
+def test_threshold_edges_monotony_and_bad_input():
+    stats = rank_quantiles(3, _ranked())
+    assert solve_threshold(stats, 1, 1, 6) == math.inf and solve_threshold(stats, 6, 1, 6) == -math.inf
+    taus = [solve_threshold(stats, k, 1, 6) for k in (2, 3, 4, 5)]
+    assert taus == sorted(taus, reverse=True)  # more experts, lower threshold
+    assert expected_count(stats, taus[1], 1, 6) == pytest.approx(3, abs=1e-3)
+    with pytest.raises(AllocMoeError, match="ranks 1..16"):
+        solve_threshold(stats, 3, 1, 17)
+    with pytest.raises(AllocMoeError, match="k_min <= k <= k_max"):
+        solve_threshold(stats, 7, 1, 6)
+    with pytest.raises(AllocMoeError, match="MoE layers \\[5\\]"):
+        plan_thresholds([stats], [3, 5], [2, 2], 1, 4)
+    assert np.allclose(LayerRouting.from_dict(stats.to_dict()).quantiles, stats.quantiles, rtol=1e-5)
+    with pytest.raises(AllocMoeError, match="ascending"):
+        LayerRouting.from_dict({**stats.to_dict(), "quantiles": [[1.0, 0.0]]})
+
+
+def test_select_above_keeps_k_min_and_the_scores_above():
+    ranked = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+    keep = select_above(ranked, 0.2, k_min=1)
+    assert keep.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    assert select_above(ranked, 0.99, k_min=2).sum(dim=1).tolist() == [2, 2, 2]
+
+
+# ---------------------------------------------------------------------------- llama.cpp vs torch
+
+# arch -> (per-MoE-layer counts, k_max): every layer strictly between k_min and k_max runs the rule
+CASES = {
+    "mixtral": ([2, 2, 2], 3),
+    "qwen2_moe": ([2, 2, 2], 3),
+    "qwen3_moe": ([2, 3, 2], 4),
+    "olmoe": ([2, 3, 2], 4),
+    "deepseek_v3": ([2, 2, 2], 3),
+}
+
+
+def _calibrated(hf_dir, tokens, counts, k_max):
+    """Thresholds for ``counts`` from the full-budget model's routing on ``tokens`` (as a profile does)."""
+    from transformers import AutoModelForCausalLM
+
+    from allocmoe_edge import hf
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad(), hf.routing_scores(model, k_max) as scores:
+        model(torch.tensor([list(tokens)]))
+    layers = sorted(scores)
+    stats = [rank_quantiles(b, torch.cat(scores[b]).numpy()) for b in layers]
+    return layers, plan_thresholds(stats, layers, counts, 1, k_max)
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_decode_rule_one_token_per_ubatch_matches_torch(patched_runtime, tiny_gguf, tmp_path, arch):
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+    from allocmoe_edge.graph_probe import moe_activations
+    from allocmoe_edge.runtime import LoadChoice
+
+    from .llama_logits import RTOL, load_for_test, tokens_for, torch_logits
+
+    hf_dir, path = tiny_gguf(arch)
+    counts, k_max = CASES[arch]
+    info = read_info(path)
+    tokens = tokens_for(50000, n=24)
+    layers, taus = _calibrated(hf_dir, tokens, counts, k_max)
+    per_block = [0.0] * info.block_count
+    for b, tau in zip(layers, taus):
+        per_block[b] = tau
+    plan = dataclasses.replace(plan_for_counts(info, counts), thresholds=tuple(per_block))
+    stamped = stamp(path, tmp_path / "d.gguf", [plan], k_min=1, k_max=k_max, token_mode="both")
+    assert stamped.allocmoe["version"] == 2 and stamped.plans[0].thresholds == pytest.approx(per_block)
+
+    llm = load_for_test(stamped.path, logits_all=True, n_ctx=64, n_batch=1, n_ubatch=1, n_threads=2,
+                        type_k=0, type_v=0)  # one token per ubatch, f32 KV cache
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    alloc_t = {"k_min": 1, "k_max": k_max, "thresholds": taus}
+    ref = torch_logits(hf_dir, tokens, counts, alloc_t=alloc_t)
+    rel = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+    assert rel < RTOL, f"{arch}: llama.cpp decode rule vs torch reference {rel:.2e}"
+    per_layer = torch_logits(hf_dir, tokens, counts)
+    assert float(np.max(np.abs(per_layer - ref)) / np.max(np.abs(ref))) > 0.05  # the rule changes the result
+
+    # "decode" mode runs the rule on every ubatch: one ubatch of all tokens gives the same logits, and
+    # the ids mark dropped candidates -1, so each layer executes what the reference routes
+    acts, batch = moe_activations(load_for_test(stamped.path, LoadChoice(token_mode="decode")), tokens)
+    assert float(np.max(np.abs(batch - ref)) / np.max(np.abs(ref))) < RTOL
+    from transformers import AutoModelForCausalLM
+
+    from allocmoe_edge import hf
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad(), hf.token_alloc(model, counts, **alloc_t) as counter:
+        model(torch.tensor([tokens]))
+    for b in layers:
+        assert acts[b]["active"] == counter.activations[b], (b, acts[b]["active"], counter.activations[b])
+        assert all(1 <= c <= k_max for c in acts[b]["per_token"])
+    assert any(len(set(acts[b]["per_token"])) > 1 for b in layers)  # tokens really differ in expert count
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_decode_mode_needs_thresholds_and_batch_files_are_unchanged(patched_runtime, tiny_gguf, tmp_path):
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+    from allocmoe_edge.runtime import LoadChoice
+
+    from .llama_logits import llama_logits, tokens_for
+
+    _, path = tiny_gguf("mixtral")
+    info = read_info(path)
+    with pytest.raises(AllocMoeError, match="no decode thresholds"):
+        stamp(path, tmp_path / "x.gguf", [plan_for_counts(info, [2, 1, 2])], k_max=3, token_mode="both")
+    plain = stamp(path, tmp_path / "b.gguf", [plan_for_counts(info, [2, 1, 2])], k_max=3)
+    assert plain.allocmoe["version"] == 1 and "token_mode" not in plain.allocmoe
+    with pytest.raises(AllocMoeError, match="decode thresholds"):
+        llama_logits(plain.path, tokens_for(50000, n=8), LoadChoice(token_mode="decode"))
+
+
+# ---------------------------------------------------------------------------- GGUF-side calibration, eval, bench
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_random_token_calibration_meets_the_budget_when_decoding(patched_runtime, tmp_path):
+    """bench's uniform-split plans on a synthetic file: thresholds from llama.cpp's own routing of
+    random tokens; decoding other random tokens one at a time spends close to each plan's count."""
+    from allocmoe_edge.bench import stamp_uniform_split
+    from allocmoe_edge.graph_probe import DecodeCounter
+    from allocmoe_edge.runtime import LoadChoice, load
+    from allocmoe_edge.synth import synthesize
+
+    src = synthesize("olmoe-1b-7b", "q4_0", tmp_path / "olmoe2.gguf", n_layer=2)
+    info = stamp_uniform_split(src, tmp_path / "olmoe2.plans.gguf", (0.75, 0.5, 0.25), decode_rule=True)
+    assert info.allocmoe["token_mode"] == "both" and all(p.thresholds is not None for p in info.plans)
+    tokens = np.random.default_rng(7).integers(3, 50000, 96).tolist()
+    for i, plan in enumerate(info.plans):
+        llm = load(info.path, LoadChoice(plan_index=i), info=info, n_ctx=128)
+        counter = DecodeCounter(llm, len(tokens))
+        for t in tokens:
+            counter.step(t, logits=False)
+        counter.close()
+        llm.close()
+        spent, budget = sum(counter.per_token().values()), plan.budget_count
+        assert abs(spent - budget) < 0.15 * budget, (plan.name, spent, budget)
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_eval_decode_protocol_measures_what_each_token_runs(patched_runtime, tiny_gguf, tmp_path):
+    from allocmoe_edge import assets
+    from allocmoe_edge.evaluate import evaluate_llama
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+
+    from .llama_logits import tokens_for
+
+    hf_dir, path = tiny_gguf("olmoe")
+    counts, k_max = [2, 3, 2], 4
+    info = read_info(path)
+    layers, taus = _calibrated(hf_dir, tokens_for(50000, n=256, seed=3), counts, k_max)
+    per_block = [math.inf] * info.block_count
+    for b, tau in zip(layers, taus):
+        per_block[b] = tau
+    plan = dataclasses.replace(plan_for_counts(info, counts), thresholds=tuple(per_block))
+    stamped = stamp(path, tmp_path / "e.gguf", [plan], k_min=1, k_max=k_max)  # token mode "both"
+    result = evaluate_llama(stamped.path, assets.heldout_text(), ctx=32, chunks=3, decode=True, n_threads=2)
+    rows = {r["name"]: r for r in result["results"]}
+    assert result["decode"] and result["token_mode"] == "both"
+    assert rows["full"]["activations_per_token"] == info.full_budget and rows["full"]["kld_mean"] == 0
+    assert rows["custom (plan 0)"]["activations_per_token"] == sum(counts)  # per-layer top-k: exactly the counts
+    decoded = rows["custom+t (plan 0)"]
+    assert 3 <= decoded["activations_per_token"] <= 3 * k_max and decoded["activations_per_token"] != sum(counts)
+    assert all(isinstance(c, float) for c in decoded["counts"])  # measured means, not the plan's integers
+    assert decoded["kld_mean"] > 0 and decoded["kld_mean"] != rows["custom (plan 0)"]["kld_mean"]
