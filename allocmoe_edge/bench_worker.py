@@ -113,7 +113,7 @@ class Session:
         counter = DecodeCounter(self.llm, n)
         try:
             for token in self.tokens[:n]:
-                counter.step(token, logits=False)
+                counter.step(token)  # with logits, as generation: every layer routes every token
         finally:
             counter.close()
         per_layer = counter.per_token()

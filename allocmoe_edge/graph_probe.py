@@ -77,7 +77,8 @@ def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str
         return True
 
     with ProbeContext(llm, len(tokens), callback) as probe:
-        logits = probe.decode(tokens, 0, logits=True)
+        probe.decode(tokens, 0)
+        logits = probe.logits(len(tokens))
     return dict(sorted(seen.items())), logits
 
 
@@ -101,7 +102,7 @@ def kernel_nodes(llm: Any, tokens: Sequence[int]) -> dict[str, int]:
         return False
 
     with ProbeContext(llm, len(tokens), callback) as probe:
-        probe.decode(tokens, 0, logits=False)
+        probe.decode(tokens, 0)
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
@@ -132,7 +133,7 @@ def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512
     with ProbeContext(llm, min(ubatch, len(tokens)), callback) as probe:
         for start in range(0, len(tokens), ubatch):
             probe.clear()
-            probe.decode(tokens[start:start + ubatch], 0, logits=False)
+            probe.decode(tokens[start:start + ubatch], 0)  # every token an output: the last layer routes all
     return [rank_quantiles(layer, np.concatenate(by_kind.get(True) or by_kind[False]))
             for layer, by_kind in sorted(scores.items())]
 
@@ -146,6 +147,7 @@ class DecodeCounter:
         self._ggml = _ggml_base()
         self.tokens = 0
         self.activations: dict[int, int] = {}
+        self.routed: dict[int, int] = {}  # tokens each layer routed (the last layer skips tokens without logits)
         self._probe = ProbeContext(llm, n_ctx, self._callback, n_ubatch=1)
         self._pos = 0
 
@@ -156,14 +158,16 @@ class DecodeCounter:
         layer = int(m.group(2))
         ids = _read_i32_2d(self._ggml, t, _TensorHead.from_address(t))
         self.activations[layer] = self.activations.get(layer, 0) + int((ids >= 0).sum())
+        self.routed[layer] = self.routed.get(layer, 0) + len(ids)
         return True
 
     def step(self, token: int, logits: bool = True) -> np.ndarray | None:
-        """Decode ``token`` at the next position; its logits [n_vocab] when ``logits``."""
-        out = self._probe.decode([token], self._pos, logits=logits)
+        """Decode ``token`` at the next position; its logits [n_vocab] when ``logits`` (as generation
+        does; without, llama.cpp's last layer skips the token)."""
+        self._probe.decode([token], self._pos, outputs=logits)
         self._pos += 1
         self.tokens += 1
-        return None if out is None else out[0]
+        return self._probe.logits(1)[0] if logits else None
 
     def reset(self) -> None:
         """Empty the KV cache: the next token is at position 0 (the counts are kept)."""
@@ -171,8 +175,9 @@ class DecodeCounter:
         self._pos = 0
 
     def per_token(self) -> dict[int, float]:
-        """Mean experts per decoded token in each MoE layer."""
-        return {layer: n / self.tokens for layer, n in sorted(self.activations.items())} if self.tokens else {}
+        """Mean experts per token in each MoE layer, over the tokens it routed (llama.cpp's last layer
+        routes only the tokens whose logits are asked for; generation asks for every token's)."""
+        return {layer: n / self.routed[layer] for layer, n in sorted(self.activations.items()) if self.routed[layer]}
 
     def close(self) -> None:
         self._probe.close()
@@ -200,23 +205,25 @@ class ProbeContext:
             raise RuntimeError("llama_init_from_model failed")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
 
-    def decode(self, tokens: Sequence[int], pos: int, logits: bool) -> np.ndarray | None:
-        """Decode ``tokens`` at positions ``pos..`` (one llama_decode); every position's logits when asked."""
+    def decode(self, tokens: Sequence[int], pos: int, outputs: bool = True) -> None:
+        """Decode ``tokens`` at positions ``pos..`` (one llama_decode). With ``outputs`` every position
+        is an output (its logits are computed; llama.cpp's last layer skips the other tokens)."""
         lib, n = self._lib, len(tokens)
         batch = lib.llama_batch_init(n, 0, 1)
         try:
             for i, tok in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, logits
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, outputs
                 batch.seq_id[i][0] = 0
             batch.n_tokens = n
             rc = lib.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
-            if not logits:
-                return None
-            return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab)).copy()
         finally:
             lib.llama_batch_free(batch)
+
+    def logits(self, n: int) -> np.ndarray:
+        """A copy of the logits of the last decode's ``n`` outputs [n, n_vocab]."""
+        return np.ctypeslib.as_array(self._lib.llama_get_logits(self.ctx), shape=(n, self.n_vocab)).copy()
 
     def clear(self) -> None:
         """Empty the KV cache."""

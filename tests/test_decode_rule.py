@@ -170,7 +170,7 @@ def test_random_token_calibration_meets_the_budget_when_decoding(patched_runtime
         llm = load(info.path, LoadChoice(plan_index=i), info=info, n_ctx=128)
         counter = DecodeCounter(llm, len(tokens))
         for t in tokens:
-            counter.step(t, logits=False)
+            counter.step(t)
         counter.close()
         llm.close()
         spent, budget = sum(counter.per_token().values()), plan.budget_count
