@@ -469,12 +469,41 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(tables)
 
 
-def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], output: str | Path,
-                  speed: str = "tg") -> tuple[int, int]:
-    """Draw mean KLD against ``speed`` ("tg" or "pp") speedup per method; returns (matched, eval rows).
+def _speedup_of(row: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The speedup dict (ratio, sd, tie) of a row's first ``kind`` ("pp" or "tg") test; None when missing."""
+    test = next((t for name, t in (row.get("tests") or {}).items() if name.startswith(kind)), None)
+    return test.get("speedup") if test else None
 
-    Eval rows are matched to bench rows on (method, alloc_t) and a budget within 0.02;
-    rows without a match are left out.
+
+def _matching_bench_row(eval_row: dict[str, Any], bench_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The bench row with the eval row's method and Alloc-T and a budget within BUDGET_TOLERANCE."""
+    return next((b for b in bench_rows
+                 if b["method"] == eval_row.get("method") and bool(b["alloc_t"]) == bool(eval_row.get("alloc_t"))
+                 and abs(b["budget"] - float(eval_row.get("budget", -1))) <= BUDGET_TOLERANCE), None)
+
+
+def _by_method(points: list[tuple[str, float, Any]]) -> dict[str, list[tuple[float, Any]]]:
+    """``(method, budget, payload)`` points grouped by method in budget order, largest first; the
+    full-budget point (method "full") starts every other method's line."""
+    full = [(budget, payload) for method, budget, payload in points if method == "full"][:1]
+    series: dict[str, list[tuple[float, Any]]] = {}
+    for method, budget, payload in sorted(points, key=lambda p: -p[1]):
+        if method != "full":
+            series.setdefault(method, list(full)).append((budget, payload))
+    return series
+
+
+def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], output: str | Path,
+                  speed: str = "tg", decode_limits: dict[str, float] | None = None) -> tuple[int, int]:
+    """Two panels, one line per method with its points in budget order; returns (matched, eval rows).
+
+    Left: mean KLD of each eval row against its decode limit (weight bytes read per token, full /
+    row: deterministic), taken from ``decode_limits`` (eval row name -> limit) when given, else from
+    the bench row with the same method, Alloc-T and budget (within 0.02). Right: every bench row's
+    measured ``speed`` ("tg" or "pp") speedup over full budget against its budget, with ± sd error
+    bars; a hollow marker is a tie (within the noise), and for tg the dotted lines are the decode
+    limits. ``matched`` counts the eval rows that have a bench row with a measured speed; the bench
+    may be of another file (a synthetic shape), whose rows are drawn all the same.
     """
     import matplotlib
 
@@ -485,32 +514,51 @@ def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], out
 
     if speed not in ("tg", "pp"):
         raise AllocMoeError(f"speed {speed!r}: use tg or pp")
-    eval_rows = eval_result.get("results", [])
-    series: dict[str, list[tuple[float, float, float]]] = {}
+    eval_rows, bench_rows = eval_result.get("results", []), bench_result.get("rows", [])
+    quality, matched = [], 0
     for e in eval_rows:
-        match = next((b for b in bench_result.get("rows", [])
-                      if b["method"] == e.get("method") and bool(b["alloc_t"]) == bool(e.get("alloc_t"))
-                      and abs(b["budget"] - float(e.get("budget", -1))) <= BUDGET_TOLERANCE), None)
-        x = match and headline(match)[f"speedup_{speed}"]
-        if x is None or e.get("kld_mean") is None:
-            continue
-        series.setdefault(str(e["method"]), []).append((x, float(e["kld_mean"]), float(e["budget"])))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        for x, y, b in points:
-            ax.annotate(f"{b:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(f"{speed} speedup over full budget")
-    ax.set_ylabel("mean KL divergence to full budget")
-    ax.set_title(Path(str(bench_result.get("model", ""))).name or "quality vs speed")
-    if series:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no eval row matches a bench row", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
+        match = _matching_bench_row(e, bench_rows)
+        matched += bool(match and _speedup_of(match, speed))
+        limit = (decode_limits or {}).get(e["name"]) if decode_limits is not None else (match or {}).get("decode_limit")
+        if limit is not None and e.get("kld_mean") is not None:
+            quality.append((str(e["method"]), float(e["budget"]), (float(limit), float(e["kld_mean"]))))
+    measured = [(str(b["method"]), float(b["budget"]), (b, _speedup_of(b, speed))) for b in bench_rows]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for method, points in _by_method(quality).items():
+        xs, ys = [p[0] for _, p in points], [p[1] for _, p in points]
+        left.plot(xs, ys, marker="o", label=method)
+        for (budget, _), x, y in zip(points, xs, ys):
+            if budget < 1:
+                left.annotate(f"{100 * budget:g}%", (x, y), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7)
+    left.set_xlabel("decode limit: weight bytes per token, full / budget")
+    left.set_ylabel("mean KL divergence to full budget")
+    left.set_title(f"quality: {Path(str(eval_result.get('model', {}).get('path', ''))).name or 'eval'}", fontsize=10)
+    limits: dict[float, float] = {}
+    for method, points in _by_method([m for m in measured if m[2][1] is not None]).items():
+        budgets = [100 * b for b, _ in points]
+        ratios = [s["ratio"] for _, (_, s) in points]
+        line = right.errorbar(budgets, ratios, yerr=[s.get("sd") or 0.0 for _, (_, s) in points], capsize=3,
+                              label=method)[0]
+        for x, y, (_, (_, s)) in zip(budgets, ratios, points):
+            right.plot(x, y, "o", color=line.get_color(), markerfacecolor="none" if s.get("tie") else line.get_color())
+        limits.update((x, row["decode_limit"]) for x, (_, (row, _)) in zip(budgets, points) if "decode_limit" in row)
+    if speed == "tg" and limits:
+        right.plot(sorted(limits), [limits[x] for x in sorted(limits)], ":", color="black", label="decode limit")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xlabel("budget (% of full activations)")
+    right.set_ylabel(f"{speed} speedup over full budget (mean ± sd)")
+    synthetic = " (synthetic weights)" if bench_result.get("synthetic") else ""
+    right.set_title(f"speed: {Path(str(bench_result.get('model', ''))).name}{synthetic}; hollow = tie", fontsize=10)
+    for ax, empty in ((left, not quality), (right, not any(m[2][1] for m in measured))):
+        if empty:
+            ax.text(0.5, 0.5, "nothing to draw", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_output(output) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    return sum(len(p) for p in series.values()), len(eval_rows)
+    return matched, len(eval_rows)

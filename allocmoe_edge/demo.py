@@ -1,14 +1,24 @@
 """The whole Alloc-MoE pipeline on one model, with a report: what `allocmoe demo` runs.
 
 Steps: profile the layer sensitivities on the calibration text; allocate Alloc-L+T plans at
-25, 50 and 75 % of the full budget; convert to one q8_0 GGUF holding the three plans (the
-50 % plan is the default); evaluate every configuration with llama.cpp on the held-out text;
-benchmark the same configurations; write ``report.md``, ``frontier.png`` and the JSON.
+12.5, 25, 50 and 75 % of the full budget (a budget below one expert per MoE layer is left
+out); convert to one q8_0 GGUF holding the plans (the 50 % plan is the default); evaluate
+every configuration with llama.cpp on the held-out text; measure speed; write ``report.md``,
+``frontier.png`` and the JSON.
 
-``manifest.json`` in the output folder records, for the sensitivity file and the GGUF, the
-sha256 of the inputs each was made from (model files, calibration text, plans), the settings
-and the tool version, plus the artefact's own sha256. A rerun reuses an artefact whose
-inputs are unchanged and resumes an interrupted profile; measurements always run again.
+Speed is `bench`'s protocol (interleaved repetitions, mean ± sd, a speedup within the noise
+is a tie). A model that reads fewer than ``SPEED_MIN_BYTES`` of weights per generated token
+(the bundled ones read a few MiB) is bound by per-operation overhead and caches on a CPU,
+not by the bytes a budget saves, so its speed would mean nothing: the demo says so and
+measures a synthetic file of a real shape instead (`synth`, ``SPEED_SHAPE`` cut to
+``speed_layers`` blocks, random weights), with bench's uniform-split plans at the same budget
+fractions. Quality rows carry the deterministic decode limit of the demo's own file.
+
+``manifest.json`` in the output folder records, for the sensitivity file, the GGUF and the
+synthetic speed file, the sha256 of the inputs each was made from (model files, calibration
+text, plans, shape), the settings and the tool version, plus the artefact's own sha256. A rerun
+reuses an artefact whose inputs are unchanged and resumes an interrupted profile; measurements
+always run again.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import datetime
 import hashlib
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +46,15 @@ from .fsutil import atomic_write_json, atomic_write_text
 MANIFEST_FORMAT = "allocmoe-demo-manifest"
 MANIFEST_VERSION = 1
 TOOL = f"allocmoe-edge {__version__}"
-BUDGETS = (0.25, 0.5, 0.75)
-DEFAULT_PLAN = 1  # index of the 50 % plan in BUDGETS
+BUDGETS = (0.125, 0.25, 0.5, 0.75)
+DEFAULT_BUDGET = 0.5  # the plan the GGUF runs by default
 METHOD = "alloc-l+t"
 PROFILE_MODE = "isolated"
 OUTTYPE = "q8_0"
 STEPS = ("profile", "allocate", "convert", "eval", "bench", "report")
+SPEED_MIN_BYTES = 64 << 20  # weight bytes per generated token below which CPU speed is overhead bound
+SPEED_SHAPE = "olmoe-1b-7b"  # the synthetic shape measured instead of a model that small
+SPEED_TYPE = "q4_0"
 
 
 @dataclass(frozen=True)
@@ -51,18 +65,22 @@ class DemoSettings:
     ctx: int  # tokens per calibration window and per evaluation chunk
     calib_tokens: int  # calibration tokens profiled
     eval_chunks: int  # held-out chunks evaluated
-    reps: int  # timed bench repetitions per test
+    reps: int  # timed bench repetitions per test (at least 2: the sd decides ties)
     n_prompt: int  # tokens of the pp test
     n_gen: int  # tokens of the tg test
+    speed_layers: int  # blocks of the synthetic SPEED_SHAPE file measured instead of a small model
 
 
-FULL = DemoSettings("full", ctx=256, calib_tokens=8192, eval_chunks=32, reps=3, n_prompt=512, n_gen=128)
-QUICK = DemoSettings("quick", ctx=128, calib_tokens=1024, eval_chunks=4, reps=1, n_prompt=64, n_gen=16)
+FULL = DemoSettings("full", ctx=256, calib_tokens=8192, eval_chunks=32, reps=5, n_prompt=256, n_gen=32,
+                    speed_layers=4)
+QUICK = DemoSettings("quick", ctx=128, calib_tokens=1024, eval_chunks=4, reps=2, n_prompt=32, n_gen=8,
+                     speed_layers=1)
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What a demo run leaves: its folder, the combined table and each step's status and time."""
+    """What a demo run leaves: its folder, the quality rows, the quality and speed tables and each
+    step's status and time."""
 
     out: Path
     rows: list[dict[str, Any]]
@@ -130,6 +148,18 @@ class Manifest:
         atomic_write_json(self.path, self.doc)
 
 
+def float32_copy(model_dir: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """``model_dir``'s checkpoint saved in float32 (with its tokenizer) to ``dst``: the same weights, which
+    torch runs several times faster than bf16 on CPUs without bf16 matrix units."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dst)
+    return Path(dst)
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (the converter runs as one)."""
     t = os.times()
@@ -139,16 +169,20 @@ def _cpu_seconds() -> float:
 class _Run:
     """One demo run: the output folder, its inputs, the manifest and the console."""
 
-    def __init__(self, out: Path, settings: DemoSettings, model_dir: Path, calib: Path, heldout: Path,
-                 console: Console) -> None:
+    def __init__(self, out: Path, settings: DemoSettings, model_dir: Path, pre_tokenizer: str | None, calib: Path,
+                 heldout: Path, console: Console) -> None:
         self.out, self.settings, self.console = out, settings, console
-        self.model_dir, self.calib, self.heldout = model_dir, calib, heldout
+        self.model_dir, self.pre_tokenizer, self.calib, self.heldout = model_dir, pre_tokenizer, calib, heldout
         self.manifest = Manifest(out)
         self.steps: dict[str, dict[str, Any]] = {}
         self.sensitivity = out / "sensitivity.json"
-        self.plans = [out / f"plan-{round(100 * b)}.json" for b in BUDGETS]
+        self.budgets: tuple[float, ...] = BUDGETS  # the feasible ones, once allocate has run
         self.gguf = out / f"{model_dir.name}-{OUTTYPE}.gguf"
         self.model_files = model_hashes(model_dir)
+
+    @property
+    def plans(self) -> list[Path]:
+        return [self.out / f"plan-{100 * b:g}.json" for b in self.budgets]
 
     @contextlib.contextmanager
     def step(self, key: str, what: str) -> Iterator[dict[str, Any]]:
@@ -177,8 +211,8 @@ class _Run:
         inputs = {"model": self.model_files, "calib": sha256_file(self.calib), "tool": TOOL,
                   "settings": {"mode": PROFILE_MODE, "ctx": s.ctx, "max_tokens": s.calib_tokens}}
         name = self.sensitivity.name
-        with self.step("profile", f"S[l, k] of every MoE layer on {self.calib.name} "
-                                  f"(up to {s.calib_tokens} tokens, windows of {s.ctx}) -> {name}") as rec:
+        with self.step("profile", f"S[l, k] of every MoE layer on {self.calib.name} (up to {s.calib_tokens} "
+                                  f"tokens, windows of {s.ctx}; float32 weights) -> {name}") as rec:
             if self.manifest.reusable(name, inputs):
                 rec["status"] = "reused"
                 self.say(f"reused {name}: model files, calibration text and settings unchanged")
@@ -189,10 +223,10 @@ class _Run:
             else:
                 self.sensitivity.unlink(missing_ok=True)
             self.manifest.begin(name, inputs)
-            with self.progress() as bar:
+            with self.progress() as bar, tempfile.TemporaryDirectory(prefix="allocmoe-f32-") as tmp:
                 task = bar.add_task("layer forwards", total=None)
-                doc = run_profile(self.model_dir, self.calib, self.sensitivity, mode=PROFILE_MODE, ctx=s.ctx,
-                                  max_tokens=s.calib_tokens, on_start=lambda n: bar.update(task, total=n),
+                doc = run_profile(float32_copy(self.model_dir, tmp), self.calib, self.sensitivity, mode=PROFILE_MODE,
+                                  ctx=s.ctx, max_tokens=s.calib_tokens, on_start=lambda n: bar.update(task, total=n),
                                   on_progress=lambda n: bar.advance(task, n))
             self.manifest.finish(name)
             self.say(f"{len(doc['layers'])} MoE layers x k=1..{doc['model']['k_orig']}, "
@@ -202,12 +236,22 @@ class _Run:
         from .allocate import plan_from_sensitivity
         from .plan import read_json
 
-        budgets = ", ".join(f"{round(100 * b)}%" for b in BUDGETS)
+        budgets = ", ".join(f"{100 * b:g}%" for b in BUDGETS)
         with self.step("allocate", f"{METHOD} plans at {budgets} of the full budget (DP on mean KLD)"):
             sens = read_json(self.sensitivity, "sensitivity file")
             source = {"sensitivity_file": self.sensitivity.name, "sensitivity_sha256": sha256_file(self.sensitivity)}
-            for budget, path in zip(BUDGETS, self.plans):
-                plan = plan_from_sensitivity(sens, budget, METHOD)
+            plans, skipped = [], []
+            for budget in BUDGETS:
+                try:
+                    plans.append(plan_from_sensitivity(sens, budget, METHOD))
+                except AllocMoeError as e:  # below one expert per MoE layer
+                    skipped.append(f"{100 * budget:g}% ({e})")
+            if skipped:
+                self.say(f"left out {'; '.join(skipped)}")
+            self.budgets = tuple(p.budget.fraction for p in plans)
+            if DEFAULT_BUDGET not in self.budgets:
+                raise AllocMoeError(f"no plan at the default budget {DEFAULT_BUDGET:g}: {'; '.join(skipped)}")
+            for plan, path in zip(plans, self.plans):
                 plan = dataclasses.replace(plan, calibration={**plan.calibration, **source})
                 plan.save(path)
                 self.say(f"{path.name}: {plan.budget.count} of {plan.model.full_budget} activations/token, "
@@ -216,11 +260,12 @@ class _Run:
     def convert(self) -> None:
         from .convert import build_budgeted_gguf
 
+        default = self.budgets.index(DEFAULT_BUDGET)
         inputs = {"model": self.model_files, "plans": {p.name: sha256_file(p) for p in self.plans},
-                  "outtype": OUTTYPE, "default_plan": DEFAULT_PLAN, "tool": TOOL}
+                  "outtype": OUTTYPE, "default_plan": default, "pre_tokenizer": self.pre_tokenizer, "tool": TOOL}
         name = self.gguf.name
         with self.step("convert", f"llama.cpp's converter -> {OUTTYPE}, stamp the {len(self.plans)} plans "
-                                  f"(default {self.plans[DEFAULT_PLAN].stem}) -> {name}") as rec:
+                                  f"(default {self.plans[default].stem}) -> {name}") as rec:
             if self.manifest.reusable(name, inputs):
                 rec["status"] = "reused"
                 self.say(f"reused {name}: model files, plans and weight type unchanged")
@@ -228,8 +273,8 @@ class _Run:
             self.manifest.begin(name, inputs)
             with self.progress() as bar:
                 task = bar.add_task("converting", total=None)
-                build_budgeted_gguf(self.model_dir, [str(p) for p in self.plans], self.gguf, OUTTYPE, DEFAULT_PLAN,
-                                    log=self.say,
+                build_budgeted_gguf(self.model_dir, [str(p) for p in self.plans], self.gguf, OUTTYPE, default,
+                                    pre_tokenizer=self.pre_tokenizer, log=self.say,
                                     progress=lambda done, total: bar.update(task, description="writing",
                                                                             completed=done, total=total))
             self.manifest.finish(name)
@@ -244,37 +289,81 @@ class _Run:
             with self.progress() as bar:
                 task = bar.add_task("loading", total=None)
                 result = evaluate_llama(
-                    self.gguf, self.heldout, ctx=s.ctx, chunks=s.eval_chunks, budgets=list(BUDGETS),
+                    self.gguf, self.heldout, ctx=s.ctx, chunks=s.eval_chunks, budgets=list(self.budgets),
                     progress=lambda name, done, total: bar.update(task, description=name, completed=done, total=total))
             atomic_write_json(self.out / "eval.json", result)
             self.say(f"{len(result['results'])} configurations x {result['chunks']} chunks -> eval.json")
         return result
 
-    def bench(self) -> dict[str, Any]:
+    def speed_target(self) -> tuple[Path, str]:
+        """The file whose speed means something, and the report's sentence on why it is that file."""
+        from .bench import WeightTraffic
+        from .gguf_meta import read_info
+        from .synth import SHAPES
+
+        info = read_info(self.gguf)
+        per_token = WeightTraffic.of(self.gguf, info).per_token((info.expert_used_count,) * len(info.moe_layers))
+        mib = f"{per_token / 2**20:.1f} MiB"
+        if per_token >= SPEED_MIN_BYTES:
+            return self.gguf, f"Speed: {self.gguf.name} itself ({mib} of weights read per token at full budget)."
+        shape = SHAPES[SPEED_SHAPE]
+        return self.synthetic(), (
+            f"Speed is not measured on {self.gguf.name}: it reads {mib} of weights per generated token at full "
+            f"budget (below {SPEED_MIN_BYTES >> 20} MiB), so on a CPU its speed is set by per-operation overhead "
+            f"and caches, not by the weight bytes a budget saves. It is measured instead on a synthetic "
+            f"{shape.title} ({self.settings.speed_layers} of its {shape.n_layer} blocks, {SPEED_TYPE}, random "
+            f"weights) with bench's uniform-split plans at the same budget fractions (the budget's count spread "
+            f"evenly over the layers): the demo's own plans are for another shape and cannot be stamped into it.")
+
+    def synthetic(self) -> Path:
+        """The synthetic speed file in the output folder, written once and reused while its recipe holds."""
+        from .synth import synthesize
+
+        layers = self.settings.speed_layers
+        path = self.out / f"synthetic-{SPEED_SHAPE}-{layers}l-{SPEED_TYPE}.gguf"
+        inputs = {"shape": SPEED_SHAPE, "layers": layers, "type": SPEED_TYPE, "seed": 0, "tool": TOOL}
+        if self.manifest.reusable(path.name, inputs):
+            self.say(f"reused {path.name}")
+            return path
+        self.manifest.begin(path.name, inputs)
+        with self.progress() as bar:
+            task = bar.add_task(f"writing {path.name}", total=None)
+            synthesize(SPEED_SHAPE, SPEED_TYPE, path, layers,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+        self.manifest.finish(path.name)
+        return path
+
+    def bench(self) -> tuple[dict[str, Any], str]:
         from .bench import BenchOptions, bench
 
         s = self.settings
-        opts = BenchOptions(budgets=BUDGETS, reps=s.reps, prompts=(s.n_prompt,), n_gen=s.n_gen)
-        with self.step("bench", f"pp{s.n_prompt} / tg{s.n_gen} tokens/s, {s.reps} repetition(s), same configurations"):
+        opts = BenchOptions(budgets=self.budgets, reps=s.reps, prompts=(s.n_prompt,), n_gen=s.n_gen)
+        with self.step("bench", f"pp{s.n_prompt} / tg{s.n_gen} tokens/s, {s.reps} interleaved repetitions, "
+                                "mean ± sd, ties within the noise") as rec:
+            target, note = self.speed_target()
+            rec["model"] = target.name
+            self.say(note)
             with self.progress() as bar:
                 task = bar.add_task("loading", total=None)
-                result = bench(self.gguf, opts, log=lambda message: None, progress=lambda name, done, total:
+                result = bench(target, opts, log=lambda message: None, progress=lambda name, done, total:
                                bar.update(task, description=name, completed=done, total=total))
             atomic_write_json(self.out / "bench.json", result)
             if result["failed"]:
                 self.say(f"warning: no speed for {', '.join(result['failed'])} (errors in bench.json)")
-            self.say(f"{len(result['rows'])} configurations, backend {result['backend']}, "
+            self.say(f"{len(result['rows'])} configurations of {target.name}, backend {result['backend']}, "
                      f"threads {result['threads']}/{result['threads_batch']} -> bench.json")
-        return result
+        return result, note
 
-    def report(self, eval_result: dict[str, Any], bench_result: dict[str, Any], started: float) -> DemoResult:
-        from .bench import plot_frontier
+    def report(self, eval_result: dict[str, Any], bench_result: dict[str, Any], speed_note: str,
+               started: float) -> DemoResult:
+        from .bench import plot_frontier, speed_table
 
-        with self.step("report", "report.md (combined table), frontier.png"):
-            rows = combined_rows(self.gguf, eval_result, bench_result)
-            table = markdown(rows, bench_result["options"])
+        with self.step("report", "report.md (quality and speed tables), frontier.png"):
+            rows = quality_rows(self.gguf, eval_result, self.budgets)
+            table = f"{markdown(rows)}\n\n{speed_table(bench_result)}"
             try:
-                plot_frontier(eval_result, bench_result, self.out / "frontier.png", "tg")
+                plot_frontier(eval_result, bench_result, self.out / "frontier.png", "tg",
+                              decode_limits={r["config"]: r["decode_limit"] for r in rows})
             except ImportError:
                 self.say("matplotlib is not installed: no frontier.png (pip install 'allocmoe-edge[plot]')")
         seconds = round(time.monotonic() - started, 1)
@@ -283,30 +372,44 @@ class _Run:
             "settings": dataclasses.asdict(self.settings), "steps": self.steps, "seconds": seconds, "tool": TOOL,
         }
         self.manifest.save()
-        atomic_write_text(self.out / "report.md", self._report_md(table, eval_result, bench_result))
+        atomic_write_text(self.out / "report.md", self._report_md(rows, eval_result, bench_result, speed_note))
         return DemoResult(self.out, rows, table, self.steps, seconds)
 
-    def _report_md(self, table: str, eval_result: dict[str, Any], bench_result: dict[str, Any]) -> str:
+    def _report_md(self, rows: list[dict[str, Any]], eval_result: dict[str, Any], bench_result: dict[str, Any],
+                   speed_note: str) -> str:
+        from .bench import speed_table
+
         s, run = self.settings, self.manifest.doc["last_run"]
         steps = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} |"
                           for k, v in self.steps.items())
         files = [self.sensitivity, *self.plans, self.gguf]
+        alloc_t = alloc_t_cost(bench_result)
         return f"""# allocmoe demo: {self.model_dir.name}
 
-{run['date']}, {TOOL}, {s.name} settings, backend {bench_result['backend']}, \
-threads {bench_result['threads']}/{bench_result['threads_batch']}, commit {bench_result['commit'] or 'unknown'}.
+{run['date']}, {TOOL}, {s.name} settings, commit {bench_result['commit'] or 'unknown'}.
 Plans: {METHOD} (DP on the mean KL divergence of {PROFILE_MODE} layer profiles), \
 stored together in {self.gguf.name}.
 
-{table}
+## Quality
 
-Quality: {eval_result['chunks']} chunks of {eval_result['ctx']} tokens of {self.heldout.name} \
-({eval_result['chunks'] * eval_result['scored_per_chunk']} scored tokens, llama-perplexity's protocol); \
-KLD and top-1 agreement are against the full-budget model. Speed: llama-bench style, mean of {s.reps} run(s); \
-speedups are over full budget in the same run. Decode limit: full-budget weight bytes read per generated \
-token divided by the row's.
+{markdown(rows)}
 
-![quality vs speed](frontier.png)
+{eval_result['chunks']} chunks of {eval_result['ctx']} tokens of {self.heldout.name} \
+({eval_result['chunks'] * eval_result['scored_per_chunk']} scored tokens, llama-perplexity's protocol), \
+llama.cpp; KLD and top-1 agreement are against the full-budget model. Decode limit: full-budget weight bytes \
+read per generated token divided by the row's (deterministic, from the file's tensor sizes).
+
+## Speed
+
+{speed_note}
+
+{speed_table(bench_result)}
+
+Backend {bench_result['backend']}, threads {bench_result['threads']}/{bench_result['threads_batch']}, \
+{s.reps} repetitions interleaved across configurations, mean ± sd. Speedups are over full budget in the same \
+run; "(tie)" marks one within the measured noise (|ratio - 1| <= its sd): no faster than full budget.
+{alloc_t}
+![quality vs decode limit, measured speed](frontier.png)
 
 | step | status | seconds | CPU seconds |
 |---|---|---:|---:|
@@ -317,21 +420,20 @@ frontier.png, manifest.json.
 """
 
 
-def combined_rows(gguf: Path, eval_result: dict[str, Any], bench_result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per configuration joining quality (eval) and speed (bench) by configuration name.
-
-    ``budget_count`` is a plan's budget, or the activations of a full-budget / uniform row.
-    """
-    from .bench import headline
+def quality_rows(gguf: Path, eval_result: dict[str, Any], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
+    """One row per evaluated configuration with its decode limit (bench's bytes-per-token ratio for
+    the counts it runs at T = 1). ``budget_count`` is a plan's budget, or the activations of a
+    full-budget / uniform row."""
+    from .bench import WeightTraffic, decode_limits
     from .evaluate import gguf_configurations
     from .gguf_meta import read_info
 
     info = read_info(gguf)
-    plans = {c.name: info.plans[c.plan] for c in gguf_configurations(info, BUDGETS) if c.plan is not None}
-    speed = {r["name"]: r for r in bench_result["rows"]}
+    plans = {c.name: info.plans[c.plan] for c in gguf_configurations(info, budgets) if c.plan is not None}
+    traffic = WeightTraffic.of(gguf, info)
+    full = (info.expert_used_count,) * len(info.moe_layers)
     rows = []
     for e in eval_result["results"]:
-        b = speed.get(e["name"], {})
         plan = plans.get(e["name"])
         count = plan.budget_count if plan else int(e["activations_per_token"])
         rows.append({
@@ -339,28 +441,42 @@ def combined_rows(gguf: Path, eval_result: dict[str, Any], bench_result: dict[st
             "budget": plan.budget if plan else count / info.full_budget, "budget_count": count,
             "activations_per_token": e["activations_per_token"], "ppl": e["ppl"], "kld_mean": e["kld_mean"],
             "kld_p99": e["kld_p99"], "top1": e["top1"],
-            **headline(b), "decode_limit": b.get("decode_limit"),
+            "decode_limit": decode_limits(traffic, full, tuple(e["counts"]), ())["decode_limit"],
         })
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], bench_options: dict[str, Any]) -> str:
-    """The combined quality and speed table."""
-
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    p, n = bench_options["prompts"][0], bench_options["n_gen"]
-    head = ["config", "budget", "act/token", "PPL", "KLD mean", "KLD p99", "top-1 %", f"pp{p} t/s", f"tg{n} t/s",
-            "speedup pp", "speedup tg", "decode limit"]
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The quality table."""
+    head = ["config", "budget", "act/token", "PPL", "KLD mean", "KLD p99", "top-1 %", "decode limit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---:" + "|---:" * (len(head) - 2) + "|"]
     for r in rows:
-        cells = [r["config"], f"{100 * r['budget']:.0f}% ({r['budget_count']})", f"{r['activations_per_token']:g}",
+        cells = [r["config"], f"{100 * r['budget']:g}% ({r['budget_count']})", f"{r['activations_per_token']:g}",
                  f"{r['ppl']:.3f}", f"{r['kld_mean']:.5f}", f"{r['kld_p99']:.4f}", f"{100 * r['top1']:.2f}",
-                 num(r["pp_ts"], ".1f"), num(r["tg_ts"], ".1f"), num(r["speedup_pp"], ".2f") + "x",
-                 num(r["speedup_tg"], ".2f") + "x", num(r["decode_limit"], ".2f") + "x"]
+                 f"{r['decode_limit']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def alloc_t_cost(bench_result: dict[str, Any]) -> str:
+    """A sentence per pp test on what Alloc-T costs: each Alloc-T row's speed over the same plan without
+    it, ratio ± sd, "(tie)" within the noise; empty when no row pairs up."""
+    from .benchstats import speedup
+
+    rows = [r for r in bench_result["rows"] if r["tests"]]
+    parts = []
+    for row in (r for r in rows if r["alloc_t"]):
+        base = next((r for r in rows if not r["alloc_t"] and r["method"] == row["method"].removesuffix("+t")
+                     and r["counts"] == row["counts"]), None)
+        if base is None:
+            continue
+        for name in (t for t in row["tests"] if t.startswith("pp")):
+            ratio = speedup(row["tests"][name], base["tests"][name])
+            sd = "" if ratio["sd"] is None else f" ± {ratio['sd']:.2f}"
+            parts.append(f"{100 * row['budget']:g}%: {ratio['ratio']:.2f}x{sd}{' (tie)' if ratio['tie'] else ''}")
+    if not parts:
+        return ""
+    return f"\nAlloc-T's prefill against the same plan without it (per-layer top-k): {', '.join(parts)}.\n"
 
 
 def require_patched_runtime() -> None:
@@ -372,15 +488,21 @@ def require_patched_runtime() -> None:
                             "at full budget; run `allocmoe build-runtime`")
 
 
-def run_demo(out: str | os.PathLike[str] = "allocmoe-demo", quick: bool = False,
-             model_dir: str | os.PathLike[str] | None = None, calib: str | os.PathLike[str] | None = None,
-             heldout: str | os.PathLike[str] | None = None, console: Console | None = None) -> DemoResult:
-    """Run every step into ``out`` (default inputs: the bundled model and its texts)."""
+def run_demo(out: str | os.PathLike[str] = "allocmoe-demo", quick: bool = False, model: str | None = None,
+             model_dir: str | os.PathLike[str] | None = None, pre_tokenizer: str | None = None,
+             calib: str | os.PathLike[str] | None = None, heldout: str | os.PathLike[str] | None = None,
+             console: Console | None = None, settings: DemoSettings | None = None) -> DemoResult:
+    """Run every step into ``out``. The model is ``model_dir`` (converted with ``pre_tokenizer``) or the
+    bundled ``model`` (default `assets.DEMO_MODEL`); the texts default to the bundled ones; ``settings``
+    default to QUICK or FULL."""
     from . import assets
 
     started = time.monotonic()
     require_patched_runtime()
-    model_dir = Path(model_dir) if model_dir is not None else assets.model_dir()
+    if model_dir is None:
+        model = model or assets.DEMO_MODEL
+        model_dir, pre_tokenizer = assets.model_dir(model), assets.pre_tokenizer(model)
+    model_dir = Path(model_dir)
     calib = Path(calib) if calib is not None else assets.calib_text()
     heldout = Path(heldout) if heldout is not None else assets.heldout_text()
     for path in (model_dir / "config.json", calib, heldout):
@@ -388,12 +510,13 @@ def run_demo(out: str | os.PathLike[str] = "allocmoe-demo", quick: bool = False,
             raise AllocMoeError(f"{path}: no such file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, QUICK if quick else FULL, model_dir, calib, heldout, console or Console(file=sys.stderr))
-    run.console.print(escape(f"allocmoe demo: {model_dir} -> {out} ({run.settings.name} settings)"), highlight=False,
+    settings = settings or (QUICK if quick else FULL)
+    run = _Run(out, settings, model_dir, pre_tokenizer, calib, heldout, console or Console(file=sys.stderr))
+    run.console.print(escape(f"allocmoe demo: {model_dir} -> {out} ({settings.name} settings)"), highlight=False,
                       soft_wrap=True)
     run.profile()
     run.allocate()
     run.convert()
     eval_result = run.evaluate()
-    bench_result = run.bench()
-    return run.report(eval_result, bench_result, started)
+    bench_result, speed_note = run.bench()
+    return run.report(eval_result, bench_result, speed_note, started)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Loss curve of the tiny MoE run: a PNG, a markdown table, and a copy of the JSON log."""
+"""Loss curve of a testbed's training run: a PNG, a markdown table, and a copy of the JSON log."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,15 @@ ASSETS = REPO / "allocmoe_edge" / "assets"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--log", type=Path, default=REPO / "runs" / "tiny-moe" / "log.json")
-    ap.add_argument("--png", type=Path, default=ASSETS / "tiny-moe-loss.png")
-    ap.add_argument("--copy-log", type=Path, default=ASSETS / "tiny-moe-train-log.json")
+    ap.add_argument("--arch", default="tiny-moe", help="testbed name (train_tiny_moe.py --arch): default paths")
+    ap.add_argument("--log", type=Path, help="training log (default runs/<arch>/log.json)")
+    ap.add_argument("--png", type=Path, help="loss curve (default assets/<arch>-loss.png)")
+    ap.add_argument("--copy-log", type=Path, help="copy of the log (default assets/<arch>-train-log.json)")
     ap.add_argument("--table-every", type=int, default=100, help="steps between table rows")
     args = ap.parse_args()
+    args.log = args.log or REPO / "runs" / args.arch / "log.json"
+    args.png = args.png or ASSETS / f"{args.arch}-loss.png"
+    args.copy_log = args.copy_log or ASSETS / f"{args.arch}-train-log.json"
 
     import matplotlib
 
