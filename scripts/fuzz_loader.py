@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import gguf
 
-from allocmoe_edge.gguf_meta import PREFIX, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info
+from allocmoe_edge.gguf_meta import FORMAT_VERSION_THRESHOLDS, PREFIX, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info
 
 T = gguf.GGUFValueType
 Field = tuple[Any, Any, Any]  # (value, GGUFValueType, sub_type or None)
@@ -156,7 +156,7 @@ def catalogue(info: ModelInfo) -> list[Case]:
     for lo, hi, c in ((3, 2, c0), (E, 1, c0), (2, 2, [2] * L), (E, E, [E] * L), (2, 1, [1] * L), (1, E, c0)):
         out.append(Case(f"kmin={lo},kmax={hi},counts={c}", {kmin: u32(lo), kmax: u32(hi), counts: arr(c, T.UINT32)}))
     # version and enabled
-    for v in (0, 2, 2**31, U32_MAX):
+    for v in (0, 2, 3, 2**31, U32_MAX):
         out.append(Case(f"version={v}", {PREFIX + "version": u32(v)}))
     for name, f in (("false", (False, T.BOOL, None)), ("str_false", ("false", T.STRING, None)),
                     ("i32_0", (0, T.INT32, None)), ("u8_1", (1, T.UINT8, None))):
@@ -237,7 +237,7 @@ def expected(case: Case, info: ModelInfo, base: dict[str, Field]) -> list[int] |
         return v
 
     try:
-        if scalar(PREFIX + "version", T.UINT32, 0) > 1:
+        if scalar(PREFIX + "version", T.UINT32, 0) > FORMAT_VERSION_THRESHOLDS:  # the newest format the patch reads
             return None
         enabled = scalar(PREFIX + "enabled", T.BOOL, True)
         plan_count = scalar(PREFIX + "plan_count", T.UINT32, 0)
