@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[torch,plot,test]'
+	# server: llama-cpp-python's OpenAI-compatible server (a few small pure-Python packages)
+	$(BIN)/python -m pip install -q -e '.[torch,plot,test,server]'
 	touch $@
 
 runtime: venv

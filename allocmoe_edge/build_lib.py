@@ -1,10 +1,13 @@
-"""Build the patched llama.cpp shared libraries alone with CMake, for ``LLAMA_CPP_LIB_PATH``.
+"""Build the patched llama.cpp with CMake alone: the shared libraries for ``LLAMA_CPP_LIB_PATH``,
+and llama.cpp's ``ggml-rpc-server`` for RPC builds.
 
 The wheel (`build_runtime`) is what users install. A machine that only needs the library, such
 as the offline GPU machine of the device check, builds it here instead: from an already patched
 tree (`scripts/device_carry.py` lays one out and stamps it with the patch hash) or from the pinned
 sdist, with the same CMake flags as the wheel, and cached under a key made of the sdist, the patch
-series and the options, so a second run with the same inputs skips the build.
+series and the options, so a second run with the same inputs skips the build. RPC builds
+(``BuildOptions(rpc=True)``) add the server, which runs the patched ggml on another machine; the
+wheel's ``--rpc`` builds it alone (`build_rpc_server`).
 """
 
 from __future__ import annotations
@@ -13,21 +16,20 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from .build_runtime import (SDIST_SHA256, BuildOptions, _unpack, apply_patches, cache_dir, fetch_sdist, patch_files,
-                            patch_hash)
+                            patch_hash, run_logged)
 from .errors import AllocMoeError
 
 STAMP = ".allocmoe-patch-hash"  # in a patched tree: the patch_hash() it was patched with
-_TARGET = "llama"
-_PROGRESS = re.compile(r"^\[\s*(\d+)%\]")
+LIBRARY = "llama"
+RPC_SERVER = "ggml-rpc-server"  # llama.cpp's tools/rpc: serves the ggml backends of its machine over TCP
+_ARTIFACTS = {LIBRARY: f"lib{LIBRARY}.so", RPC_SERVER: RPC_SERVER}  # what each CMake target leaves in bin/
 
 
 def llama_patch_hash() -> str:
@@ -37,15 +39,18 @@ def llama_patch_hash() -> str:
 
 def library_key(opts: BuildOptions) -> str:
     """Cache key of a library build: sdist, llama.cpp patches, options and machine (no Python version)."""
-    parts = {"sdist": SDIST_SHA256, "patches": llama_patch_hash(), "options": asdict(opts),
+    parts = {"sdist": SDIST_SHA256, "patches": llama_patch_hash(), "options": opts.key_fields(),
              "machine": platform.machine()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def cmake_configure_args(opts: BuildOptions) -> list[str]:
-    """The wheel's CMake flags plus what a bare libllama build needs (shared libraries, no tools)."""
+    """The wheel's CMake flags plus what a bare libllama build needs (shared libraries; no tools, except
+    for RPC builds: llama.cpp configures tools/rpc only with its tools and their common library)."""
+    tools = "ON" if opts.rpc else "OFF"
     return ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
-            "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", *opts.cmake_args()]
+            f"-DLLAMA_BUILD_COMMON={tools}", f"-DLLAMA_BUILD_TOOLS={tools}", "-DLLAMA_BUILD_SERVER=OFF",
+            *opts.cmake_args()]
 
 
 def stamp_tree(tree: Path) -> None:
@@ -64,32 +69,31 @@ def _checked_tree(tree: Path) -> Path:
     return tree
 
 
-def _run_cmake(cmd: list[str], logfile: Path, log: Callable[[str], None]) -> None:
-    """Run one CMake step, reporting its percentage every 10 points; raise with the log's tail."""
-    shown = -10
-    with open(logfile, "a") as lf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lf.write(line)
-            m = _PROGRESS.match(line)
-            if m and int(m.group(1)) >= shown + 10:
-                shown = int(m.group(1))
-                log(f"  {shown:3d}% {line.split('] ', 1)[-1].strip()}")
-        if proc.wait() != 0:
-            tail = logfile.read_text(errors="replace")[-3000:]
-            raise AllocMoeError(f"{' '.join(cmd[:3])} failed (full log: {logfile}):\n{tail}")
-
-
 def build_library(opts: BuildOptions, source: Path | None = None, jobs: int | None = None,
                   build_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Return the folder holding ``libllama.so`` and the ggml libraries for ``opts``, building it with
-    CMake when the cache has none. ``source``: a stamped patched tree (default: the pinned sdist,
-    patched in a scratch folder); ``build_dir``: a CMake build folder kept for incremental builds."""
+    """Return the folder holding ``libllama.so`` and the ggml libraries for ``opts`` (and ``ggml-rpc-server``
+    when ``opts.rpc``), building it with CMake when the cache has none. ``source``: a stamped patched tree
+    (default: the pinned sdist, patched in a scratch folder); ``build_dir``: a CMake build folder kept for
+    incremental builds."""
+    targets = (LIBRARY, RPC_SERVER) if opts.rpc else (LIBRARY,)
+    return _cached_build(opts, "lib", targets, source, jobs, build_dir, log)
+
+
+def build_rpc_server(opts: BuildOptions, jobs: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """Return the path of ``ggml-rpc-server`` built from the pinned sdist with the patches (next to the ggml
+    libraries it loads), building it with CMake when the cache has none: the server of the wheel's ``--rpc``."""
+    folder = _cached_build(replace(opts, rpc=True), "rpc-server", (RPC_SERVER,), None, jobs, None, log)
+    return folder / RPC_SERVER
+
+
+def _cached_build(opts: BuildOptions, kind: str, targets: tuple[str, ...], source: Path | None, jobs: int | None,
+                  build_dir: Path | None, log: Callable[[str], None]) -> Path:
+    """Build ``targets`` with CMake into ``<cache>/<kind>/<key>/bin`` (shared libraries and executables),
+    or return that folder when it already holds every target."""
     key = library_key(opts)
-    dest = cache_dir() / "lib" / key / "bin"
-    if (dest / f"lib{_TARGET}.so").is_file():
-        log(f"using cached library build {dest} (key {key})")
+    dest = cache_dir() / kind / key / "bin"
+    if all((dest / _ARTIFACTS[t]).is_file() for t in targets):
+        log(f"using cached {kind} build {dest} (key {key})")
         return dest
     dest.parent.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=dest.parent.parent))
@@ -104,18 +108,21 @@ def build_library(opts: BuildOptions, source: Path | None = None, jobs: int | No
         build = Path(build_dir).resolve() if build_dir else work / "build"
         jobs = jobs or os.cpu_count() or 1
         log(f"configuring the {opts.backend} build in {build} ({' '.join(opts.cmake_args())})")
-        _run_cmake(["cmake", "-S", str(tree), "-B", str(build), *cmake_configure_args(opts)], logfile, log)
-        log(f"building lib{_TARGET} with {jobs} jobs (minutes; log: {logfile})")
-        _run_cmake(["cmake", "--build", str(build), "-j", str(jobs), "--target", _TARGET], logfile, log)
-        staging = work / "lib"
+        run_logged(["cmake", "-S", str(tree), "-B", str(build), *cmake_configure_args(opts)], logfile,
+                   "cmake (configure)", log)
+        log(f"building {', '.join(targets)} with {jobs} jobs (minutes; log: {logfile})")
+        run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", *targets], logfile,
+                   "cmake --build", log)
+        staging = work / "out"
         (staging / "bin").mkdir(parents=True)
-        for lib in (build / "bin").glob("lib*.so*"):
-            shutil.copy2(lib, staging / "bin" / lib.name, follow_symlinks=False)
+        for built in (build / "bin").iterdir():  # the targets and the shared libraries they load
+            shutil.copy2(built, staging / "bin" / built.name, follow_symlinks=False)
         (staging / "build.json").write_text(json.dumps({"key": key, "patch_sha256": llama_patch_hash(),
-                                                        "options": asdict(opts)}, indent=2) + "\n")
+                                                        "options": opts.key_fields(), "targets": list(targets)},
+                                                       indent=2) + "\n")
         shutil.rmtree(dest.parent, ignore_errors=True)
         os.replace(staging, dest.parent)
-        log(f"cached the library build under {dest}")
+        log(f"cached the {kind} build under {dest}")
         return dest
     finally:
         shutil.rmtree(work, ignore_errors=True)

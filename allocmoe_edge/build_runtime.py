@@ -4,9 +4,15 @@ Steps: download the pinned sdist with pip and verify its sha256; unpack it into 
 folder; apply ``patches/NNNN-*.patch`` to its llama.cpp and ``patches/bindings/NNNN-*.patch``
 to its Python bindings, in order (each dry-run first; any failure names the patch and file
 and discards the scratch tree, so nothing is half-applied); build a wheel
-with scikit-build-core; cache the wheel under a key made of the sdist hash, the patch
-contents and the build flags; install it. A warm cache makes the whole thing take seconds.
-The unpacked pristine sdist also provides llama.cpp's converter and gguf-py (`vendor_dir`).
+with scikit-build-core, reporting CMake's progress; cache the wheel under a key made of the
+sdist hash, the patch contents and the build flags; install it. A warm cache makes the whole
+thing take seconds. The unpacked pristine sdist also provides llama.cpp's converter and
+gguf-py (`vendor_dir`).
+
+The patch series is the repository's top-level ``patches/`` folder. The package reaches it
+through the symlink ``allocmoe_edge/patches -> ../patches``, and setuptools copies the files
+behind that symlink into wheels and sdists (package-data), so ``PATCH_DIR`` is the same path
+in an editable checkout and in a ``pip install .``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import AllocMoeError
 
@@ -30,7 +37,7 @@ SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
-PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+PATCH_DIR = Path(__file__).resolve().parent / "patches"  # symlink to the repository's patches/
 BINDINGS_PATCH_DIR = PATCH_DIR / "bindings"  # against the sdist root (llama_cpp/*.py)
 
 
@@ -43,6 +50,15 @@ class BuildOptions:
     native: bool = True  # -march=native for cpu builds (key includes this CPU's flags)
     sanitize: str = ""  # "" or "address"
     cuda_fa: bool = True  # compile CUDA flash-attention kernels (off: a much faster build, FA unsupported)
+    rpc: bool = False  # ggml's RPC backend (GGML_RPC=ON): offload layers to llama.cpp rpc-servers
+
+    def key_fields(self) -> dict[str, object]:
+        """The options as cache keys record them: ``rpc`` only when on, so that the keys of builds
+        cached before the option existed stay valid."""
+        fields = asdict(self)
+        if not self.rpc:
+            del fields["rpc"]
+        return fields
 
     def cmake_args(self) -> list[str]:
         """CMAKE_ARGS for llama-cpp-python's scikit-build-core build."""
@@ -59,6 +75,8 @@ class BuildOptions:
             args += ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_OPENMP=OFF"]
         elif self.sanitize:
             raise AllocMoeError(f"unknown sanitizer {self.sanitize!r}: only 'address' is supported")
+        if self.rpc:
+            args.append("-DGGML_RPC=ON")
         return args
 
 
@@ -104,7 +122,7 @@ def cache_key(opts: BuildOptions) -> str:
     parts = {
         "sdist": SDIST_SHA256,
         "patches": patch_hash(),
-        "options": asdict(opts),
+        "options": opts.key_fields(),
         "cmake_args": opts.cmake_args(),
         "python": f"{sys.implementation.name}{sys.version_info.major}{sys.version_info.minor}",
         "machine": platform.machine(),
@@ -189,6 +207,45 @@ def apply_bindings_patches(sdist_root: Path, log=print) -> None:
     _apply_series(patch_files(BINDINGS_PATCH_DIR), sdist_root, "the pinned llama-cpp-python bindings", log)
 
 
+# build progress as CMake's generators print it: Makefiles "[ 42%] ...", Ninja "[123/456] ..."
+_MAKE_PROGRESS = re.compile(r"^\s*\[\s*(\d+)%\]\s*(.*)")
+_NINJA_PROGRESS = re.compile(r"^\s*\[(\d+)/(\d+)\]\s*(.*)")
+_SKBUILD_STEP = re.compile(r"^\s*\*\*\* (.+)")  # scikit-build-core's steps: configure, build, install
+_OUTPUT = re.compile(r"\s-o\s+(\S+)")  # a verbose build prints whole compiler and linker command lines
+
+
+def build_progress(line: str) -> tuple[int, str] | None:
+    """The percentage and what is being built, when ``line`` is a CMake build progress line."""
+    if m := _MAKE_PROGRESS.match(line):
+        percent, step = int(m.group(1)), m.group(2)
+    elif m := _NINJA_PROGRESS.match(line):
+        percent, step = 100 * int(m.group(1)) // max(int(m.group(2)), 1), m.group(3)
+    else:
+        return None
+    output = _OUTPUT.search(step)
+    return percent, f"building {Path(output.group(1)).name}" if output else step.strip()
+
+
+def run_logged(cmd: list[str], logfile: Path, what: str, log: Callable[[str], None] = print,
+               env: dict[str, str] | None = None) -> None:
+    """Run a build command with its output appended to ``logfile``, reporting scikit-build-core's
+    steps and the build's percentage every 10 points; raise with the log's tail if it fails."""
+    shown = -10
+    with open(logfile, "a") as lf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lf.write(line)
+            if step := _SKBUILD_STEP.match(line):
+                log(f"  {step.group(1).strip()}")
+            elif (progress := build_progress(line)) and progress[0] >= shown + 10:
+                shown = progress[0]
+                log(f"  {shown:3d}% {progress[1]}")
+    if proc.wait() != 0:
+        tail = logfile.read_text(errors="replace")[-3000:]
+        raise AllocMoeError(f"{what} failed (full log: {logfile}):\n{tail}")
+
+
 def build_wheel(opts: BuildOptions, log=print) -> Path:
     """Return the cached wheel for ``opts``, building it first when the cache has none."""
     key = cache_key(opts)
@@ -206,22 +263,21 @@ def build_wheel(opts: BuildOptions, log=print) -> Path:
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(opts.cmake_args())
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-        log(f"building the wheel ({opts.backend}; CMAKE_ARGS={env['CMAKE_ARGS']}); minutes on a few cores")
-        out = work / "dist"
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(src)]
         logfile = work.parent / f"build-{key}.log"
-        with open(logfile, "w") as lf:
-            proc = subprocess.run(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = logfile.read_text(errors="replace")[-3000:]
-            raise AllocMoeError(f"the wheel build failed (full log: {logfile}):\n{tail}")
+        logfile.write_text("")
+        log(f"building the wheel ({opts.backend}; CMAKE_ARGS={env['CMAKE_ARGS']}); minutes on a few cores "
+            f"(log: {logfile})")
+        out = work / "dist"
+        # -v: pip passes scikit-build-core's output (CMake's progress lines) through
+        cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(out), str(src)]
+        run_logged(cmd, logfile, "the wheel build", log, env)
         built = sorted(out.glob("*.whl"))
         wheel_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=wheel_dir.parent))
         shutil.copy2(built[0], staging / built[0].name)
         meta = {"key": key, "sdist_sha256": SDIST_SHA256, "patch_sha256": patch_hash(),
-                "patches": [p.relative_to(PATCH_DIR).as_posix() for p in all_patch_files()], "options": asdict(opts),
-                "cmake_args": opts.cmake_args()}
+                "patches": [p.relative_to(PATCH_DIR).as_posix() for p in all_patch_files()],
+                "options": opts.key_fields(), "cmake_args": opts.cmake_args()}
         (staging / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(staging, wheel_dir)
         log(f"cached {built[0].name} under {wheel_dir}")

@@ -10,10 +10,11 @@ import ctypes
 import inspect
 import os
 import re
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import AllocMoeError
 from .gguf_meta import TOKEN_MODES, ModelInfo, find_plan, open_reader, read_info
@@ -105,20 +106,31 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
     return LoadChoice(plan_index=find_plan(info, budget))
 
 
-def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allow_unpatched: bool = False,
-         verbose: bool = False, info: ModelInfo | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-         **llama_kwargs: Any) -> Any:
+def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budget: float | None = None,
+         allow_unpatched: bool = False, verbose: bool = False, info: ModelInfo | None = None, cpu_moe: bool = False,
+         n_cpu_moe: int = 0, rpc_servers: Sequence[str] = (), **llama_kwargs: Any) -> Any:
     """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files.
 
-    ``info`` is the file's metadata when the caller has already read it (evaluations load one
-    file many times; gguf-py takes seconds over a large vocabulary). ``cpu_moe`` /
-    ``n_cpu_moe`` keep routed experts in system memory as llama.cpp's ``--cpu-moe`` /
-    ``--n-cpu-moe`` do (see `cpu_moe_overrides`).
+    ``budget`` (a fraction in (0, 1]) is the short form of ``choice_for_budget``: the stored plan
+    closest to it, or full budget for 1.0. ``info`` is the file's metadata when the caller has
+    already read it (evaluations load one file many times; gguf-py takes seconds over a large
+    vocabulary). ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory as llama.cpp's
+    ``--cpu-moe`` / ``--n-cpu-moe`` do (see `cpu_moe_overrides`). ``rpc_servers`` ("host:port"
+    of llama.cpp rpc-servers) offload the ``n_gpu_layers`` layers to them (see `add_rpc_servers`).
+    Every other keyword goes to ``llama_cpp.Llama``.
     """
     info = info or read_info(path)
+    if budget is not None:
+        if choice is not None:
+            raise AllocMoeError("give a LoadChoice or a budget, not both")
+        choice = choice_for_budget(info, budget)
     choice = choice or LoadChoice()
     kv = choice.kv_overrides(info)
     llama_cpp = llama_cpp_module()
+    if rpc_servers:
+        if not llama_kwargs.get("n_gpu_layers"):
+            raise AllocMoeError("rpc_servers take the offloaded layers: give n_gpu_layers (-1 or 99 for all of them)")
+        add_rpc_servers(rpc_servers)
     if info.allocmoe.get("layer_expert_counts") is not None and patch_version() is None:
         if not allow_unpatched:
             raise AllocMoeError(
@@ -147,6 +159,56 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, allo
 
 
 GPU_ALLOC_T_ENV = "ALLOCMOE_GPU_ALLOC_T"
+_RPC_SERVERS: set[str] = set()  # endpoints registered in this process
+
+
+def add_rpc_servers(endpoints: Sequence[str], timeout: float = 5.0) -> None:
+    """Register llama.cpp rpc-servers ("host:port") as ggml devices, as llama.cpp's ``--rpc`` does.
+
+    Registration is per process and permanent: every later load with ``n_gpu_layers`` > 0 splits
+    its offloaded layers over all registered servers (and local GPUs), RPC devices first, in
+    proportion to their free memory (``tensor_split`` sets other proportions). Each endpoint is
+    reached once first, because ggml aborts the process when a server does not answer.
+    """
+    llama_cpp = llama_cpp_module()
+    if not llama_cpp.llama_supports_rpc():
+        raise AllocMoeError("the installed llama-cpp-python was built without RPC; run `allocmoe build-runtime --rpc`")
+    lib = llama_cpp.llama_cpp._lib
+    add_server = _rpc_add_server(lib)
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    for endpoint in endpoints:
+        if endpoint in _RPC_SERVERS:
+            continue
+        _check_reachable(endpoint, timeout)
+        reg = add_server(endpoint.encode())
+        if not reg:
+            raise AllocMoeError(f"rpc-server {endpoint} offers no device")
+        lib.ggml_backend_register(reg)
+        _RPC_SERVERS.add(endpoint)
+
+
+def _rpc_add_server(lib: Any) -> Any:
+    """ggml's ``ggml_backend_rpc_add_server(endpoint) -> backend registry``, found as llama.cpp's
+    common/arg.cpp finds it: through the RPC registry's proc address."""
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    rpc = lib.ggml_backend_reg_by_name(b"RPC")
+    address = lib.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
+    return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(address)
+
+
+def _check_reachable(endpoint: str, timeout: float) -> None:
+    """Raise a clear error unless a TCP connection to ``endpoint`` ("host:port") opens."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise AllocMoeError(f"rpc-server {endpoint!r} is not host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise AllocMoeError(f"rpc-server {endpoint} does not answer ({e}); start it there with "
+                            f"`ggml-rpc-server --host 0.0.0.0 -p {port}`") from e
 
 
 def cpu_expert_blocks(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[int]:
@@ -284,3 +346,48 @@ def layer_counts(llm: Any) -> list[int]:
     model = llm._model.model
     n_layer = llama_cpp_module().llama_model_n_layer(model)
     return [int(fn(model, i)) for i in range(n_layer)]
+
+
+PLAN_MODEL, PLAN_FULL = -2, -1  # llama_allocmoe_set_plan: the plan chosen at load / full budget
+PER_CONTEXT_PLAN_VERSION = 5  # llama_allocmoe_version() from which a context chooses its plan
+
+
+def context_plan(choice: LoadChoice) -> int:
+    """The plan argument of llama_allocmoe_set_plan for ``choice`` (a stored plan, full budget or the
+    plan chosen at load); uniform top-k and the Alloc-T overrides are chosen at load only."""
+    if choice.uniform_k is not None or choice.token_k_max is not None or choice.token_mode is not None:
+        raise AllocMoeError("uniform top-k, token_k_max and token_mode are chosen when the model is loaded; "
+                            "a context chooses a stored plan or full budget")
+    if choice.full_budget:
+        return PLAN_FULL
+    return PLAN_MODEL if choice.plan_index is None else choice.plan_index
+
+
+def set_context_plan(ctx: Any, choice: LoadChoice) -> None:
+    """Run ``choice`` in the llama.cpp context ``ctx`` from its next decode, without reloading the
+    weights: every context of one loaded model may run another stored plan (its graph is rebuilt
+    for the plan). Tokens already in the context's KV cache were computed under the previous plan."""
+    version = patch_version()
+    if version is None or version < PER_CONTEXT_PLAN_VERSION:
+        raise AllocMoeError("choosing a plan per context needs the patched runtime of series "
+                            f"{PER_CONTEXT_PLAN_VERSION} or later; run `allocmoe build-runtime`")
+    lib = llama_cpp_module().llama_cpp._lib
+    lib.llama_allocmoe_set_plan.restype = ctypes.c_int32
+    lib.llama_allocmoe_set_plan.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    _install_log()
+    _LOG.loading = []
+    try:
+        if lib.llama_allocmoe_set_plan(ctx, context_plan(choice)) != 0:
+            reason = _LOG.loading[0] if _LOG.loading else "see llama.cpp's log"
+            raise AllocMoeError(f"llama.cpp cannot run this plan: {reason.split('allocmoe: ', 1)[-1]}")
+    finally:
+        _LOG.loading = None
+
+
+def use_plan(llm: Any, choice: LoadChoice) -> None:
+    """`set_context_plan` on a ``llama_cpp.Llama``'s own context, emptying its KV cache (and
+    llama-cpp-python's record of it) so no token computed under another plan is reused: one loaded
+    model serves every stored budget, one request after another."""
+    set_context_plan(llm._ctx.ctx, choice)
+    llm.reset()
+    llm._ctx.kv_cache_clear()

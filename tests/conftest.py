@@ -56,3 +56,23 @@ def tiny_gguf(tmp_path_factory, gpt2_vocab):
         return made[arch]
 
     return make
+
+
+# per-MoE-layer counts of the bundled tiny-moe (4 MoE layers, top-4 of 16 experts) at 25, 50 and 75 %
+BUNDLED_PLANS = ([1, 1, 1, 1], [3, 1, 2, 2], [4, 2, 3, 3])
+
+
+@pytest.fixture(scope="session")
+def bundled_budget_gguf(tmp_path_factory) -> Path:
+    """The bundled tiny-moe in f16 with `BUNDLED_PLANS` (plan 0 the default) and Alloc-T's batch rule
+    (k_min 1, k_max 4), made once: a budgeted file that generates real text in seconds."""
+    from allocmoe_edge.assets import model_dir
+    from allocmoe_edge.convert import convert_hf
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+
+    root = tmp_path_factory.mktemp("bundled")
+    plain = convert_hf(model_dir("tiny-moe"), root / "tiny-moe-f16.gguf", "f16", log=lambda m: None)
+    info = read_info(plain)
+    plans = [plan_for_counts(info, counts) for counts in BUNDLED_PLANS]
+    stamp(plain, root / "tiny-moe.budget.gguf", plans, k_min=1, k_max=info.expert_used_count)
+    return root / "tiny-moe.budget.gguf"

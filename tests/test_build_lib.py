@@ -55,8 +55,62 @@ def test_cached_library_is_reused_without_cmake(tmp_path, monkeypatch):
     cached = tmp_path / "lib" / build_lib.library_key(CUDA) / "bin"
     cached.mkdir(parents=True)
     (cached / "libllama.so").write_bytes(b"")
-    monkeypatch.setattr(build_lib, "_run_cmake", lambda *a: pytest.fail("cmake ran for a cached build"))
+    monkeypatch.setattr(build_lib, "run_logged", lambda *a: pytest.fail("cmake ran for a cached build"))
     assert build_lib.build_library(CUDA, source=tmp_path / "absent") == cached
+
+
+RPC = BuildOptions(rpc=True)
+
+
+def test_rpc_builds_configure_llama_cpps_tools():
+    args = build_lib.cmake_configure_args(RPC)
+    assert {"-DGGML_RPC=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON"} <= set(args)
+    assert "-DLLAMA_BUILD_SERVER=OFF" in args
+    assert "-DLLAMA_BUILD_TOOLS=OFF" in build_lib.cmake_configure_args(BuildOptions())
+
+
+@pytest.fixture
+def fake_cmake(tmp_path, monkeypatch):
+    """Record CMake commands instead of running them; a build leaves each requested target in bin/."""
+    monkeypatch.setenv("ALLOCMOE_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "CMakeLists.txt").write_text("")
+    build_lib.stamp_tree(tree)
+    commands: list[list[str]] = []
+
+    def run(cmd, logfile, what, log):
+        commands.append(cmd)
+        if "--build" in cmd:
+            bin_dir = Path(cmd[cmd.index("--build") + 1]) / "bin"
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            for target in cmd[cmd.index("--target") + 1:]:
+                (bin_dir / build_lib._ARTIFACTS[target]).write_bytes(b"")
+            (bin_dir / "libggml-rpc.so").write_bytes(b"")
+
+    monkeypatch.setattr(build_lib, "run_logged", run)
+    return tree, commands
+
+
+def test_rpc_library_build_adds_the_server(fake_cmake):
+    tree, commands = fake_cmake
+    folder = build_lib.build_library(RPC, source=tree, log=lambda m: None)
+    assert commands[-1][-3:] == ["--target", "llama", "ggml-rpc-server"]
+    assert {"libllama.so", "libggml-rpc.so", "ggml-rpc-server"} <= {f.name for f in folder.iterdir()}
+    assert folder.parent.parent.name == "lib"
+
+
+def test_rpc_server_alone_is_cached_apart_from_libraries(fake_cmake, monkeypatch, tmp_path):
+    _, commands = fake_cmake
+    (tmp_path / "sdist" / "vendor" / "llama.cpp").mkdir(parents=True)
+    monkeypatch.setattr(build_lib, "fetch_sdist", lambda log: tmp_path / "sdist.tar.gz")
+    monkeypatch.setattr(build_lib, "_unpack", lambda sdist, into: tmp_path / "sdist")
+    monkeypatch.setattr(build_lib, "apply_patches", lambda tree, log: None)
+    server = build_lib.build_rpc_server(BuildOptions(), log=lambda m: None)  # rpc is implied
+    assert server.name == "ggml-rpc-server" and server.parent.parent.parent.name == "rpc-server"
+    assert commands[-1][-2:] == ["--target", "ggml-rpc-server"] and "-DGGML_RPC=ON" in commands[0]
+    monkeypatch.setattr(build_lib, "run_logged", lambda *a: pytest.fail("cmake ran for a cached server"))
+    assert build_lib.build_rpc_server(RPC, log=lambda m: None) == server
 
 
 def test_gpu_check_script_parses():

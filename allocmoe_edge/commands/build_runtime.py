@@ -1,4 +1,5 @@
-"""`allocmoe build-runtime`: build and install the patched llama-cpp-python (or only its library)."""
+"""`allocmoe build-runtime`: build and install the patched llama-cpp-python (or only its library), and
+llama.cpp's rpc-server for RPC builds."""
 
 from __future__ import annotations
 
@@ -17,29 +18,40 @@ import click
               help="CPU builds: -march=native (fast, this CPU only) or a portable build.")
 @click.option("--sanitize", type=click.Choice(["", "address"]), default="", show_default=True,
               help="Build with AddressSanitizer ('address') for fuzzing the loader.")
+@click.option("--rpc", is_flag=True,
+              help="Build with llama.cpp's RPC backend (GGML_RPC=ON: load(..., rpc_servers=[...]) offloads layers to "
+                   "other machines) and also build its rpc-server (ggml-rpc-server) from the same patched sources; "
+                   "its path is printed after the wheel's. Run the server on each machine that lends its CPU or GPU.")
 @click.option("--no-install", is_flag=True, help="Only build and cache the wheel; print its path.")
 @click.option("--library-only", is_flag=True,
               help="Build only the shared libraries with CMake (no wheel, nothing installed) and print their "
-                   "folder: point LLAMA_CPP_LIB_PATH at it. Cached like the wheel.")
+                   "folder: point LLAMA_CPP_LIB_PATH at it. Cached like the wheel. With --rpc the folder also holds "
+                   "ggml-rpc-server (what a machine that only serves layers needs).")
 @click.option("--source", type=click.Path(exists=True, file_okay=False), default=None,
               help="(--library-only) an already patched llama.cpp tree laid out by scripts/device_carry.py "
                    "(default: the pinned sdist, patched here).")
 @click.option("--build-dir", type=click.Path(file_okay=False), default=None,
               help="(--library-only) keep the CMake build here and build incrementally (default: a scratch folder).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="(--library-only) parallel compile jobs (default: all cores).")
-def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize: str, no_install: bool,
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="(--library-only, and rpc-server) parallel compile jobs (default: all cores).")
+def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize: str, rpc: bool, no_install: bool,
             library_only: bool, source: str | None, build_dir: str | None, jobs: int | None) -> None:
     """Build llama-cpp-python from its pinned sdist with patches/ applied, cache the
     wheel ($ALLOCMOE_CACHE, default ~/.cache/allocmoe-edge) and install it.
 
-    Example: allocmoe build-runtime --backend cuda --cuda-arch 89
+    A first build takes minutes (progress is reported every 10 %); later calls with the same
+    options, patches and Python reuse the cached wheel and take seconds.
+
+    Examples: allocmoe build-runtime --backend cuda --cuda-arch 89;
+    allocmoe build-runtime --rpc (then start the printed rpc-server on every machine)
     """
     from pathlib import Path
 
     from ..build_runtime import BuildOptions, build_and_install
     from ..errors import AllocMoeError
 
-    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize, cuda_fa=cuda_fa)
+    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize, cuda_fa=cuda_fa,
+                        rpc=rpc)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if library_only:
         from ..build_lib import build_library
@@ -50,3 +62,7 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
     if source or build_dir:
         raise AllocMoeError("--source and --build-dir are for --library-only builds")
     click.echo(str(build_and_install(opts, install=not no_install, log=log)))
+    if rpc:
+        from ..build_lib import build_rpc_server
+
+        click.echo(str(build_rpc_server(opts, jobs, log)))
