@@ -1,18 +1,8 @@
 """Alloc-L: choose per-layer expert counts under an activation budget from layer sensitivities.
 
-The sensitivity file (written by ``allocmoe profile``) is JSON of this shape::
-
-    {"format": "allocmoe-sensitivity", "version": 2,
-     "model": {"architecture", "n_layer", "moe_layers", "n_expert", "k_orig"},
-     "calibration": {...},                  # description of the calibration text
-     "mode": "isolated" | "deeper-top1",    # how S[l, k] was measured (see DESIGN.md)
-     "full": {"ppl": float, "nll": float},  # the full-budget model
-     "layers": [{"layer": int, "ppl": [S at k=1..K], "kld": [...]}, ...],
-     "routing": {"score": ..., "layers": [{"layer", "n_tokens", "quantiles"}, ...]}}  # version 2
-
-with one entry per MoE block (``layer`` is the block index) and K = k_orig values per
-metric. The routing statistics (`thresholds.LayerRouting`) calibrate Alloc-T's decode rule;
-version 1 files have none, so plans made from them run the batch rule only.
+The sensitivity file (`sensitivity`, written by ``allocmoe profile``) holds S[l, k] per MoE
+layer and k = 1..k_orig for one or both metrics, and (version 2) the routing statistics that
+calibrate Alloc-T's decode rule.
 
 Costs fed to the dynamic program are, per layer and k:
 
@@ -34,14 +24,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import sensitivity
 from .errors import AllocMoeError
 from .plan import TOKEN_MODES, Budget, ModelIdentity, Plan
-from .thresholds import LayerRouting, plan_thresholds
+from .sensitivity import METRICS
+from .thresholds import plan_thresholds
 
-SENSITIVITY_FORMAT = "allocmoe-sensitivity"
-SENSITIVITY_VERSIONS = (1, 2)
-PROFILE_MODES = ("isolated", "deeper-top1")
-METRICS = ("kld", "ppl")
 # method -> whether Alloc-T is on in the resulting plan
 ALLOCATE_METHODS = {"alloc-l+t": True, "alloc-l": False, "uniform+t": True, "uniform": False}
 
@@ -131,74 +119,10 @@ def uniform_counts(n_layers: int, budget: int, k_min: int, k_max: int) -> list[i
     return [base + 1] * extra + [base] * (n_layers - extra)
 
 
-def _sensitivity_model(sens: Any) -> ModelIdentity:
-    if not isinstance(sens, Mapping) or sens.get("format") != SENSITIVITY_FORMAT:
-        raise AllocMoeError(f"not an allocmoe sensitivity file (expected \"format\": \"{SENSITIVITY_FORMAT}\")")
-    version = sens.get("version")
-    if version not in SENSITIVITY_VERSIONS:
-        raise AllocMoeError(
-            f"sensitivity version {version!r} is not supported (this allocmoe-edge reads {SENSITIVITY_VERSIONS})"
-        )
-    missing = [k for k in ("model", "mode", "full", "layers") if k not in sens]
-    if missing:
-        raise AllocMoeError(f"sensitivity file: missing field(s) {', '.join(missing)}")
-    if sens["mode"] not in PROFILE_MODES:
-        raise AllocMoeError(f"sensitivity mode {sens['mode']!r} is not one of {', '.join(PROFILE_MODES)}")
-    return ModelIdentity.from_dict(sens["model"], "sensitivity.model")
-
-
-def _layer_entries(sens: Mapping[str, Any], model: ModelIdentity) -> list[Mapping[str, Any]]:
-    """The sensitivity entries in moe_layers order; each MoE block exactly once."""
-    layers = sens["layers"]
-    if not isinstance(layers, list) or not all(isinstance(e, Mapping) and "layer" in e for e in layers):
-        raise AllocMoeError('sensitivity.layers: expected a list of objects with a "layer" field')
-    blocks = [e["layer"] for e in layers]
-    if sorted(blocks) != list(model.moe_layers):
-        raise AllocMoeError(
-            f"sensitivity.layers covers blocks {sorted(blocks)}, expected each MoE block {list(model.moe_layers)} once"
-        )
-    by_block = {e["layer"]: e for e in layers}
-    return [by_block[b] for b in model.moe_layers]
-
-
-def _metric_table(entries: list[Mapping[str, Any]], model: ModelIdentity, metric: str) -> np.ndarray | None:
-    """S[l, k-1] for ``metric``, or None when some layer lacks it."""
-    if not all(metric in e for e in entries):
-        return None
-    for block, entry in zip(model.moe_layers, entries):
-        row = entry[metric]
-        ok = isinstance(row, list) and len(row) == model.k_orig
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
-        if not ok or (metric == "ppl" and min(row) <= 0):
-            raise AllocMoeError(
-                f"sensitivity layer {block}: {metric} must be {model.k_orig} finite numbers"
-                f"{' > 0' if metric == 'ppl' else ''} (k=1..{model.k_orig}), got {row!r}"
-            )
-    return np.asarray([e[metric] for e in entries], dtype=np.float64)
-
-
-def _full_ppl(sens: Mapping[str, Any]) -> float:
-    full = sens["full"]
-    ppl = full.get("ppl") if isinstance(full, Mapping) else None
-    if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) or ppl <= 0:
-        raise AllocMoeError(f"sensitivity.full.ppl must be a positive number, got {ppl!r}")
-    return float(ppl)
-
-
-def routing_stats(sens: Mapping[str, Any]) -> list[LayerRouting] | None:
-    """The sensitivity file's routing statistics (None for a version 1 file)."""
-    routing = sens.get("routing")
-    if routing is None:
-        return None
-    if not isinstance(routing, Mapping) or not isinstance(routing.get("layers"), list):
-        raise AllocMoeError('sensitivity.routing: expected {"layers": [...]}')
-    return [LayerRouting.from_dict(d) for d in routing["layers"]]
-
-
 def _token_thresholds(sens: Mapping[str, Any], model: ModelIdentity, counts: Sequence[int], k_min: int,
                       k_max: int) -> tuple[float | None, ...]:
     """The decode rule's threshold per MoE layer (None where the count is k_min or k_max)."""
-    stats = routing_stats(sens)
+    stats = sensitivity.routing_stats(sens)
     if stats is None:
         raise AllocMoeError("the sensitivity file has no routing statistics (profiled by an older allocmoe-edge): "
                             "profile again, or use --alloc-t batch")
@@ -228,9 +152,8 @@ def plan_from_sensitivity(
     """
     if method not in ALLOCATE_METHODS:
         raise AllocMoeError(f"method {method!r} is not one of {', '.join(ALLOCATE_METHODS)}")
-    if metric not in METRICS:
-        raise AllocMoeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
-    model = _sensitivity_model(sens)
+    sensitivity.check_metric(metric)
+    model = sensitivity.model_shape(sens)
     k_max = model.k_orig if k_max is None else k_max
     if not isinstance(budget, Budget):
         budget = Budget.parse(budget, model, k_min)
@@ -238,12 +161,12 @@ def plan_from_sensitivity(
         raise AllocMoeError(f"k_max {k_max} is above the profiled range k=1..{model.k_orig}")
     if not isinstance(sens.get("calibration", {}), Mapping):
         raise AllocMoeError("sensitivity.calibration: expected a JSON object")
-    entries = _layer_entries(sens, model)
-    raw = {m: _metric_table(entries, model, m) for m in METRICS}
+    entries = sensitivity.layer_entries(sens, model)
+    raw = {m: sensitivity.metric_table(entries, model, m) for m in METRICS}
     if raw[metric] is None:
         other = "ppl" if metric == "kld" else "kld"
         raise AllocMoeError(f"sensitivity file lacks {metric!r} for some layer; try the {other!r} metric")
-    full_ppl = _full_ppl(sens) if raw["ppl"] is not None else None
+    full_ppl = sensitivity.full_ppl(sens) if raw["ppl"] is not None else None
     tables = {"kld": raw["kld"], "ppl": None if raw["ppl"] is None else np.log(raw["ppl"]) - math.log(full_ppl)}
     costs = tables[metric]
     n = len(model.moe_layers)
@@ -260,7 +183,7 @@ def plan_from_sensitivity(
     calibration = dict(sens.get("calibration") or {})
     calibration["profile_mode"] = sens["mode"]
     alloc_t = ALLOCATE_METHODS[method]
-    mode = (token_mode or ("both" if routing_stats(sens) is not None else "batch")) if alloc_t else "batch"
+    mode = (token_mode or ("both" if sensitivity.routing_stats(sens) is not None else "batch")) if alloc_t else "batch"
     if mode not in TOKEN_MODES:
         raise AllocMoeError(f"token mode {mode!r} is not one of {', '.join(TOKEN_MODES)}")
     return Plan(

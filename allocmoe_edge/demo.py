@@ -233,12 +233,12 @@ class _Run:
                      f"{doc['calibration']['n_tokens']} tokens, full-budget PPL {doc['full']['ppl']:.3f}")
 
     def allocate(self) -> None:
+        from . import sensitivity
         from .allocate import plan_from_sensitivity
-        from .plan import read_json
 
         budgets = ", ".join(f"{100 * b:g}%" for b in BUDGETS)
         with self.step("allocate", f"{METHOD} plans at {budgets} of the full budget (DP on mean KLD)"):
-            sens = read_json(self.sensitivity, "sensitivity file")
+            sens = sensitivity.read(self.sensitivity)
             source = {"sensitivity_file": self.sensitivity.name, "sensitivity_sha256": sha256_file(self.sensitivity)}
             plans, skipped = [], []
             for budget in BUDGETS:

@@ -11,8 +11,8 @@ The full-budget pass also records each MoE layer's routing statistics (the quant
 token's r-th largest routing score, r up to twice the model's top-k; `thresholds`), from which
 `allocate` calibrates Alloc-T's decode rule.
 
-The sensitivity file is rewritten after each layer with ``"complete": false``, so an
-interrupted run keeps its layers and the same command resumes from them.
+The sensitivity file (`sensitivity`) is rewritten after each layer with ``"complete": false``,
+so an interrupted run keeps its layers and the same command resumes from them.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import sensitivity
 from .errors import AllocMoeError
 from .fsutil import atomic_write_json
 
-SENSITIVITY_FORMAT = "allocmoe-sensitivity"
-SENSITIVITY_VERSION = 2  # 2: routing statistics (version 1 files still load; they cannot calibrate thresholds)
-MODES = ("isolated", "deeper-top1")
 ROUTING_RANKS = 2  # routing statistics cover ranks 1 .. ROUTING_RANKS x top-k (the decode rule's k_max)
 
 
@@ -129,8 +127,7 @@ def profile_layers(
     from .thresholds import rank_quantiles
     from .torch_eval import Quality
 
-    if mode not in MODES:
-        raise AllocMoeError(f"profile mode {mode!r} is not one of {', '.join(MODES)}")
+    sensitivity.check_mode(mode)
     start = time.monotonic()
     cm = CachedModel(model)
     k_orig, n_layer = cm.info.k_orig, cm.info.n_layer
@@ -189,14 +186,12 @@ def _resumable(out: Path, header: dict[str, Any]) -> dict[str, Any] | None:
 
     A complete file is overwritten; a partial one from another model, text or mode is an error.
     """
-    from .plan import read_json
-
     if not out.exists():
         return None
-    previous = read_json(out, "sensitivity file")
+    previous = sensitivity.read(out)
     if not isinstance(previous, dict) or previous.get("complete", True):
         return None
-    same = all(previous.get(key) == header[key] for key in ("format", "version", "model", "calibration", "mode"))
+    same = all(previous.get(key) == header[key] for key in sensitivity.RESUME_KEYS)
     if not same:
         raise AllocMoeError(
             f"{out} holds a partial profile of another model, calibration text or mode; "
@@ -226,24 +221,13 @@ def run_profile(
     from .fsutil import read_text
     from .torch_eval import token_windows
 
-    if mode not in MODES:
-        raise AllocMoeError(f"profile mode {mode!r} is not one of {', '.join(MODES)}")
+    sensitivity.check_mode(mode)
     out = Path(out)
     text, described = read_text(calib)
     model, tokenizer = load_model(model_dir, max_memory, offload_folder)
     info = moe_info(model)
     windows = token_windows(tokenizer, text, ctx, max_tokens)
-    doc: dict[str, Any] = {
-        "format": SENSITIVITY_FORMAT,
-        "version": SENSITIVITY_VERSION,
-        "complete": False,
-        "model": info.identity.to_dict(),
-        "calibration": {**described, "n_tokens": windows.numel(), "ctx": ctx},
-        "mode": mode,
-        "full": None,
-        "layers": [],
-        "cost": {"seconds": 0.0, "layer_forwards": 0},
-    }
+    doc = sensitivity.new_document(info.identity, {**described, "n_tokens": windows.numel(), "ctx": ctx}, mode)
     previous = _resumable(out, doc) or {}
     done = {entry["layer"]: entry for entry in previous.get("layers", [])}
     before = previous.get("cost", doc["cost"])

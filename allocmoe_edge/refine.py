@@ -19,8 +19,7 @@ import torch
 
 from .errors import AllocMoeError
 from .plan import Plan
-
-METRICS = ("kld", "ppl")
+from .sensitivity import check_metric
 
 
 def _moves(counts: Sequence[int], lo: int, hi: int, rng: random.Random) -> list[tuple[int, int]]:
@@ -58,8 +57,7 @@ def refine_plan(
     from .hf import model_identity
     from .torch_eval import measure
 
-    if metric not in METRICS:
-        raise AllocMoeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    check_metric(metric)
     if steps < 0:
         raise AllocMoeError(f"steps must be >= 0, got {steps}")
     plan.check_against(model_identity(model))
@@ -133,8 +131,7 @@ def run_refine(
     from .torch_eval import token_windows
 
     plan = Plan.load(plan_path)
-    if metric not in METRICS:
-        raise AllocMoeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    check_metric(metric)
     text, described = read_text(calib)
     model, tokenizer = load_model(model_dir, max_memory, offload_folder)
     windows = token_windows(tokenizer, text, ctx, max_tokens)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from ..allocate import ALLOCATE_METHODS, METRICS
+from ..allocate import ALLOCATE_METHODS
 from ..errors import AllocMoeError
 from ..plan import TOKEN_MODES
+from ..sensitivity import METRICS
 
 
 @click.command("allocate")
@@ -86,13 +87,13 @@ def command(
 ) -> None:
     """Choose per-layer expert counts for a budget from SENSITIVITY (from `allocmoe profile`)."""
     from ..allocate import plan_from_sensitivity
-    from ..plan import read_json
+    from ..sensitivity import read as read_sensitivity
 
     if output is None and not as_json:
         raise click.UsageError("give -o PLAN.json, or --json to print the plan")
     if output is not None and output.exists() and output.samefile(sensitivity):
         raise AllocMoeError(f"-o {output} is the sensitivity file itself; choose another output path")
-    plan = plan_from_sensitivity(read_json(sensitivity, "sensitivity file"), budget, method, k_min, k_max, metric,
+    plan = plan_from_sensitivity(read_sensitivity(sensitivity), budget, method, k_min, k_max, metric,
                                  token_mode)
     source = {"sensitivity_file": sensitivity.name, "sensitivity_sha256": hashlib.sha256(sensitivity.read_bytes()).hexdigest()}
     plan = dataclasses.replace(plan, calibration={**plan.calibration, **source})

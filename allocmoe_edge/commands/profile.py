@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import click
 
-
-def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by the torch commands: calibration windows and memory-capped loading."""
-    options = [
-        click.option("--ctx", default=256, show_default=True, type=click.IntRange(min=4),
-                     help="Tokens per calibration window."),
-        click.option("--max-tokens", type=click.IntRange(min=4), default=None,
-                     help="Use at most this many calibration tokens."),
-        click.option("--max-memory", default=None,
-                     help="Memory caps for loading, e.g. '8GiB' or '0=20GiB,cpu=40GiB'; the rest is offloaded."),
-        click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
-                     help="Folder for weights offloaded to disk under --max-memory."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+from ..sensitivity import MODES
+from .options import calib_option, load_options
 
 
 @click.command("profile")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--calib", required=True, type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
+@calib_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Sensitivity JSON to write.")
-@click.option("--mode", type=click.Choice(["isolated", "deeper-top1"]), default="isolated", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="isolated", show_default=True,
               help="isolated: other layers at full top-k (the paper); deeper-top1: later layers at top-1.")
 @load_options
 def command(model_dir: str, calib: str, output: str, mode: str, ctx: int, max_tokens: int | None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .profile import load_options
+from ..sensitivity import METRICS
+from .options import calib_option, load_options
 
 
 def _fmt(block: dict | None, key: str) -> str:
@@ -15,11 +16,11 @@ def _fmt(block: dict | None, key: str) -> str:
 @click.command("refine")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Plan JSON to refine.")
-@click.option("--calib", required=True, type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
+@calib_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Refined plan JSON to write.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=0),
               help="Most candidate moves to evaluate (one end-to-end evaluation each).")
-@click.option("--metric", type=click.Choice(["kld", "ppl"]), default="kld", show_default=True,
+@click.option("--metric", type=click.Choice(METRICS), default="kld", show_default=True,
               help="What a move must improve.")
 @load_options
 def command(model_dir: str, plan_path: str, calib: str, output: str, steps: int, metric: str, ctx: int,
