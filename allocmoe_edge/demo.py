@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import AllocMoeError
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST_FORMAT = "allocmoe-demo-manifest"
 MANIFEST_VERSION = 1
@@ -87,15 +86,6 @@ class DemoResult:
     table: str
     steps: dict[str, dict[str, Any]]
     seconds: float
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_hashes(model_dir: Path) -> dict[str, str]:

@@ -31,6 +31,7 @@ from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
 from .gguf_meta import ModelInfo, read_info
+from .plan import check_fraction
 from .runtime import LoadChoice
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
@@ -167,8 +168,7 @@ def configurations(plans: Sequence[tuple[str, float]], k_orig: int, alloc_t: boo
     there are no plans). Uniform top-k equal to ``k_orig`` is the full-budget row and is dropped.
     """
     for b in budgets or ():
-        if not 0 < b <= 1:
-            raise AllocMoeError(f"budget {b} must be a fraction in (0, 1]")
+        check_fraction(b)
     chosen = [(i, method, budget) for i, (method, budget) in enumerate(plans)
               if not budgets or any(abs(budget - b) <= BUDGET_TOLERANCE for b in budgets)]
     configs = [EvalConfig("full", "full")]

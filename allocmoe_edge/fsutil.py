@@ -1,4 +1,5 @@
-"""Atomic file output: write under a temporary name in the target folder, fsync, rename."""
+"""Files: atomic output (write under a temporary name in the target folder, fsync, rename), text
+with its sha256, file hashes, scratch folders."""
 
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def read_text(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
     except OSError as e:
         raise AllocMoeError(f"could not read text file {p}: {e.strerror or e}") from e
     return data.decode("utf-8", errors="replace"), {"path": str(p), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:

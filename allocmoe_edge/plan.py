@@ -77,6 +77,23 @@ def _thresholds(values: Any) -> tuple[float | None, ...] | None:
     return tuple(None if v is None else float(v) for v in values)
 
 
+def fraction_problem(fraction: Any, given: Any = None) -> str | None:
+    """Why ``fraction`` is not a budget fraction in (0, 1], or None when it is one; the message
+    names ``given`` (the value as the user wrote it) when given."""
+    if isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and math.isfinite(fraction) \
+            and 0.0 < fraction <= 1.0:
+        return None
+    return f"budget {fraction if given is None else given!r} is not a fraction in (0, 1]"
+
+
+def check_fraction(fraction: Any) -> float:
+    """``fraction`` as a float; AllocMoeError unless it is a budget fraction in (0, 1]."""
+    problem = fraction_problem(fraction)
+    if problem is not None:
+        raise AllocMoeError(problem)
+    return float(fraction)
+
+
 def _int(value: Any, where: str) -> int:
     if not _is_int(value):
         raise AllocMoeError(f"{where}: expected an integer, got {value!r}")
@@ -199,8 +216,9 @@ class Budget:
             raise AllocMoeError(f"budget {value!r} is not a number; {hint}")
 
         if fraction is not None:
-            if not math.isfinite(fraction) or not 0.0 < fraction <= 1.0:
-                raise AllocMoeError(f"budget {value!r} is not a fraction in (0, 1]; {hint}")
+            problem = fraction_problem(fraction, value)
+            if problem is not None:
+                raise AllocMoeError(f"{problem}; {hint}")
             count = math.floor(fraction * full + 1e-9)
         else:
             assert count is not None
@@ -271,8 +289,8 @@ class Plan:
         bad = [f"{blk}:{c}" for blk, c in zip(m.moe_layers, self.counts) if not lo <= c <= hi]
         if bad:
             out.append(f"counts outside [{lo}, {hi}] at block:count {', '.join(bad)}")
-        if not 0.0 < self.budget.fraction <= 1.0:
-            out.append(f"budget fraction {self.budget.fraction} is outside (0, 1]")
+        if (problem := fraction_problem(self.budget.fraction)) is not None:
+            out.append(problem)
         if not 1 <= self.budget.count <= m.full_budget:
             out.append(f"budget count {self.budget.count} is outside [1, full budget {m.full_budget}]")
         if sum(self.counts) > self.budget.count:

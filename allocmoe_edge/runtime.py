@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .errors import AllocMoeError
 from .gguf_meta import TOKEN_MODES, ModelInfo, find_plan, open_reader, read_info
+from .plan import check_fraction
 
 
 def llama_cpp_module() -> Any:
@@ -99,9 +100,7 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
     """Full budget for 1.0, the stored plan closest to ``budget`` otherwise, the default for None."""
     if budget is None:
         return LoadChoice()
-    if not 0 < budget <= 1:
-        raise AllocMoeError(f"budget {budget} must be a fraction in (0, 1]")
-    if budget == 1:
+    if check_fraction(budget) == 1:
         return LoadChoice(full_budget=True)
     return LoadChoice(plan_index=find_plan(info, budget))
 

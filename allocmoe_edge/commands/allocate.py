@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -87,6 +86,7 @@ def command(
 ) -> None:
     """Choose per-layer expert counts for a budget from SENSITIVITY (from `allocmoe profile`)."""
     from ..allocate import plan_from_sensitivity
+    from ..fsutil import sha256_file
     from ..sensitivity import read as read_sensitivity
 
     if output is None and not as_json:
@@ -95,7 +95,7 @@ def command(
         raise AllocMoeError(f"-o {output} is the sensitivity file itself; choose another output path")
     plan = plan_from_sensitivity(read_sensitivity(sensitivity), budget, method, k_min, k_max, metric,
                                  token_mode)
-    source = {"sensitivity_file": sensitivity.name, "sensitivity_sha256": hashlib.sha256(sensitivity.read_bytes()).hexdigest()}
+    source = {"sensitivity_file": sensitivity.name, "sensitivity_sha256": sha256_file(sensitivity)}
     plan = dataclasses.replace(plan, calibration={**plan.calibration, **source})
     if output is not None:
         plan.save(output)
