@@ -69,7 +69,7 @@ from .benchstats import BASELINE, format_mean_sd, format_speedup, percentiles, s
 from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE, EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
-from .gguf_meta import PREFIX, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .gguf_meta import Keys, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
 from .plan import fraction_problem
 from .thresholds import block_thresholds
 
@@ -179,8 +179,6 @@ def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, 
     With ``decode_rule`` every plan also gets decode thresholds, calibrated on the file's own
     routing of 512 random tokens (`graph_probe.routing_stats`: a synthetic file has no calibration
     text), and the file runs the decode rule one token at a time (token mode "both")."""
-    from .synth import SYNTHETIC_KEY
-
     info = read_info(src)
     plans = [plan_for_counts(info, uniform_split_counts(info, b), "uniform-split", f"uniform-split@{b:g}")
              for b in sorted({b for b in budgets if b < 1}, reverse=True)]
@@ -192,7 +190,7 @@ def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, 
         calibration = "decode thresholds from 512 random tokens"
     fields = plan_fields(info, plans, k_min=1, k_max=k_max,
                          provenance={"source": Path(src).name, "calibration": calibration})
-    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(PREFIX) and k != SYNTHETIC_KEY)
+    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(Keys.PREFIX) and k != Keys.SYNTHETIC)
     return read_info(dst)
 
 

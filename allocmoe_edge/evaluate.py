@@ -184,7 +184,7 @@ def configurations(plans: Sequence[tuple[str, float]], k_orig: int, alloc_t: boo
 
 def gguf_configurations(info: ModelInfo, budgets: Sequence[float] | None = None) -> list[EvalConfig]:
     """The configurations of a GGUF's stored plans (Alloc-T rows when the file's token_k_max is set)."""
-    alloc_t = bool(info.allocmoe.get("token_k_max", 0))
+    alloc_t = info.meta.token_k_max != 0
     return configurations([(p.method, p.budget) for p in info.plans], info.expert_used_count, alloc_t, budgets)
 
 
@@ -239,7 +239,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     if chunks is not None and chunks < 1:
         raise AllocMoeError(f"--chunks {chunks} must be at least 1")
     configs = gguf_configurations(info, budgets)
-    token_mode = info.allocmoe.get("token_mode", "batch")
+    token_mode = info.meta.token_mode
     if decode and token_mode == "batch":  # one token per ubatch, the batch rule is plain per-layer top-k
         configs = [c for c in configs if not c.alloc_t]
     text, text_meta = read_text(text_file)
@@ -279,10 +279,12 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                 llm.close()
             scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             results.append(_row(config, sum(counts), counts, info.full_budget, summarize(scores)))
+    meta = info.meta
     return {
         "backend": "llama",
         "model": {"path": str(model), **{k: v for k, v in info.to_json().items() if k not in ("path", "allocmoe")},
-                  "token_k_min": info.allocmoe.get("token_k_min"), "token_k_max": info.allocmoe.get("token_k_max")},
+                  "token_k_min": meta.token_k_min if meta.has_plan else None,
+                  "token_k_max": meta.token_k_max if meta.has_plan else None},
         "text": {**text_meta, "n_tokens": len(tokens)},
         "ctx": ctx, "chunks": len(windows), "scored_per_chunk": scored_count(ctx),
         "results": results,

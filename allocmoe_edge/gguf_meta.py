@@ -12,6 +12,8 @@ scalar, so a stock llama.cpp still runs a stamped file correctly at full budget.
   loader uses plan i when the scalar kv_override ``allocmoe.plan_index=int:i`` is given
 * provenance strings: ``allocmoe.tool``, ``allocmoe.source``, ``allocmoe.calibration``
 
+`Keys` names every key; `AllocmoeMeta` (``ModelInfo.meta``) is the typed view of a file's keys.
+
 Format version 2 adds Alloc-T's decode rule: per plan ``allocmoe.plan.<i>.token_thresholds``
 f32[block_count] (and ``allocmoe.token_thresholds`` for the default plan), one routing-score
 threshold per block (ignored where a block's count is k_min or k_max, or it has no experts), and
@@ -34,11 +36,46 @@ import numpy as np
 from . import __version__
 from .errors import AllocMoeError
 from .fsutil import atomic_output
+from .plan import TOKEN_MODES
 
 FORMAT_VERSION = 1
 FORMAT_VERSION_THRESHOLDS = 2
-PREFIX = "allocmoe."
-TOKEN_MODES = ("batch", "decode", "both")
+
+
+class Keys:
+    """The ``allocmoe.*`` GGUF keys in one place, as gguf-py's ``gguf.Keys`` names the standard ones.
+
+    The ``PLAN_*`` keys of stored plan i are templates: ``Keys.PLAN_BUDGET.format(index=i)``."""
+
+    PREFIX = "allocmoe."
+    VERSION = "allocmoe.version"
+    ENABLED = "allocmoe.enabled"
+    LAYER_EXPERT_COUNTS = "allocmoe.layer_expert_counts"  # the default plan
+    BUDGET = "allocmoe.budget"
+    BUDGET_COUNT = "allocmoe.budget_count"
+    TOKEN_K_MIN = "allocmoe.token_k_min"
+    TOKEN_K_MAX = "allocmoe.token_k_max"
+    TOKEN_MODE = "allocmoe.token_mode"
+    TOKEN_THRESHOLDS = "allocmoe.token_thresholds"
+    PLAN_COUNT = "allocmoe.plan_count"
+    PLAN_DEFAULT = "allocmoe.plan_default"
+    PLAN_INDEX = "allocmoe.plan_index"  # only as a kv_override: the stored plan to run
+    TOOL = "allocmoe.tool"
+    SOURCE = "allocmoe.source"
+    CALIBRATION = "allocmoe.calibration"
+    OUTTYPE = "allocmoe.outtype"
+    SYNTHETIC = "allocmoe.synthetic"  # set by `synth`: random weights
+    PLAN_PREFIX = "allocmoe.plan."
+    PLAN_LAYER_EXPERT_COUNTS = "allocmoe.plan.{index}.layer_expert_counts"
+    PLAN_TOKEN_THRESHOLDS = "allocmoe.plan.{index}.token_thresholds"
+    PLAN_BUDGET = "allocmoe.plan.{index}.budget"
+    PLAN_BUDGET_COUNT = "allocmoe.plan.{index}.budget_count"
+    PLAN_METHOD = "allocmoe.plan.{index}.method"
+    PLAN_NAME = "allocmoe.plan.{index}.name"
+
+
+PREFIX = Keys.PREFIX  # the namespace, as scripts and tests name it
+_PLAN_COUNTS_KEY = re.compile(re.escape(Keys.PLAN_LAYER_EXPERT_COUNTS).replace(re.escape("{index}"), r"(\d+)"))
 
 
 @dataclass(frozen=True)
@@ -53,6 +90,85 @@ class StoredPlan:
     thresholds: tuple[float, ...] | None = None  # the decode rule's threshold per block (None: no decode rule)
 
 
+# the Python type of each allocmoe.* value in AllocmoeMeta (arrays: of their items)
+_SCALAR_TYPES: dict[str, type] = {"version": int, "enabled": bool, "budget": float, "budget_count": int,
+                                  "token_k_min": int, "token_k_max": int, "token_mode": str, "plan_count": int,
+                                  "plan_default": int, "tool": str, "source": str, "calibration": str,
+                                  "outtype": str, "synthetic": bool}
+_ARRAY_TYPES: dict[str, type] = {"layer_expert_counts": int, "token_thresholds": float}
+
+
+def _typed(value: Any, kind: type) -> bool:
+    """Whether a GGUF value read by gguf-py is of the Python type ``kind`` (an int is a float, a bool is no int)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+@dataclass(frozen=True)
+class AllocmoeMeta:
+    """Typed view of a GGUF's ``allocmoe.*`` metadata (`Keys`, without the prefix); an absent key has
+    the patched loader's default.
+
+    ``keys`` names the keys the file has; ``malformed`` those whose value has the wrong type (or an
+    unknown token mode), which keep their default here (the patched loader refuses such a file).
+    """
+
+    version: int | None = None
+    enabled: bool = True
+    layer_expert_counts: tuple[int, ...] | None = None  # the default plan, per block (None: no plan)
+    budget: float | None = None
+    budget_count: int | None = None
+    token_k_min: int = 1
+    token_k_max: int = 0  # 0: Alloc-T off
+    token_mode: str = "batch"
+    token_thresholds: tuple[float, ...] | None = None
+    plan_count: int = 0
+    plan_default: int = 0
+    tool: str | None = None
+    source: str | None = None
+    calibration: str | None = None
+    outtype: str | None = None
+    synthetic: bool = False
+    plans: tuple[StoredPlan, ...] = ()
+    keys: frozenset[str] = frozenset()
+    malformed: tuple[str, ...] = ()
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether the file carries a plan (``allocmoe.layer_expert_counts``, well formed or not)."""
+        return "layer_expert_counts" in self.keys
+
+    def check(self, path: str | os.PathLike[str]) -> None:
+        """Raise AllocMoeError naming the malformed keys, if any."""
+        if self.malformed:
+            names = ", ".join(Keys.PREFIX + k for k in self.malformed)
+            raise AllocMoeError(f"{path}: {names} has a value of the wrong type; the file's allocmoe metadata is "
+                                "malformed (`allocmoe inspect --json` shows the values)")
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> AllocmoeMeta:
+        """The view of `read_info`'s summary: keys without the prefix, stored plans under ``plans``."""
+        values: dict[str, Any] = {}
+        malformed = []
+        for name, value in summary.items():
+            if name in _SCALAR_TYPES:
+                kind = _SCALAR_TYPES[name]
+                ok = _typed(value, kind) and (name != "token_mode" or value in TOKEN_MODES)
+                converted = float(value) if ok and kind is float else value
+            elif name in _ARRAY_TYPES:
+                ok = isinstance(value, list) and all(_typed(v, _ARRAY_TYPES[name]) for v in value)
+                converted = tuple(value) if ok else None
+            else:
+                continue
+            if ok:
+                values[name] = converted
+            else:
+                malformed.append(name)
+        return cls(**values, plans=tuple(StoredPlan(**p) for p in summary.get("plans", [])),
+                   keys=frozenset(summary) - {"plans"}, malformed=tuple(malformed))
+
+
 @dataclass
 class ModelInfo:
     """What `allocmoe inspect` shows: the model's MoE shape and its allocmoe metadata."""
@@ -65,7 +181,7 @@ class ModelInfo:
     moe_layers: list[int]
     file_type: str
     n_bytes: int
-    allocmoe: dict[str, Any] = field(default_factory=dict)
+    allocmoe: dict[str, Any] = field(default_factory=dict)  # allocmoe.* as read, without the prefix (see `meta`)
 
     @property
     def full_budget(self) -> int:
@@ -73,9 +189,14 @@ class ModelInfo:
         return len(self.moe_layers) * self.expert_used_count
 
     @property
+    def meta(self) -> AllocmoeMeta:
+        """The allocmoe metadata, typed (``allocmoe`` holds it as read, for JSON)."""
+        return AllocmoeMeta.from_summary(self.allocmoe)
+
+    @property
     def plans(self) -> list[StoredPlan]:
         """The stored plans (empty when the file has none)."""
-        return [StoredPlan(**p) for p in self.allocmoe.get("plans", [])]
+        return list(self.meta.plans)
 
     def to_json(self) -> dict[str, Any]:
         """JSON view, as printed by ``allocmoe inspect --json`` (infinite thresholds as "inf" / "-inf")."""
@@ -136,9 +257,9 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
     names = {t.name for t in reader.tensors}
     moe_layers = [i for i in range(block_count) if f"blk.{i}.ffn_gate_inp.weight" in names]
     ftype = _value(reader, "general.file_type")
-    allocmoe = {k[len(PREFIX):]: _value(reader, k) for k in reader.fields if k.startswith(PREFIX)}
-    plans = [_stored_plan_entry(path, allocmoe, i) for i in _plan_indices(path, allocmoe)]
-    summary = {k: v for k, v in allocmoe.items() if not k.startswith("plan.")}
+    fields = {k: _value(reader, k) for k in reader.fields if k.startswith(Keys.PREFIX)}
+    plans = [_stored_plan_entry(path, fields, i) for i in _plan_indices(path, fields)]
+    summary = {k.removeprefix(Keys.PREFIX): v for k, v in fields.items() if not k.startswith(Keys.PLAN_PREFIX)}
     if plans:
         summary["plans"] = plans
     try:
@@ -153,28 +274,31 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
     )
 
 
-def _plan_indices(path: str | os.PathLike[str], allocmoe: dict[str, Any]) -> list[int]:
+def _plan_indices(path: str | os.PathLike[str], fields: dict[str, Any]) -> list[int]:
     """Indices below plan_count that have stored counts (found from the keys: plan_count may be huge)."""
-    count = allocmoe.get("plan_count", 0)
+    count = fields.get(Keys.PLAN_COUNT, 0)
     if not isinstance(count, int) or isinstance(count, bool):
-        raise AllocMoeError(f"{path}: allocmoe.plan_count is not an integer; the file's plan metadata is malformed")
-    found = (re.fullmatch(r"plan\.(\d+)\.layer_expert_counts", k) for k in allocmoe)
+        raise AllocMoeError(f"{path}: {Keys.PLAN_COUNT} is not an integer; the file's plan metadata is malformed")
+    found = (_PLAN_COUNTS_KEY.fullmatch(k) for k in fields)
     return sorted(i for i in (int(m.group(1)) for m in found if m) if i < count)
 
 
-def _stored_plan_entry(path: str | os.PathLike[str], allocmoe: dict[str, Any], i: int) -> dict[str, Any]:
+def _stored_plan_entry(path: str | os.PathLike[str], fields: dict[str, Any], i: int) -> dict[str, Any]:
     """Stored plan ``i`` as StoredPlan fields; values of the wrong type are a clean error."""
-    p = f"plan.{i}."
-    counts = allocmoe[p + "layer_expert_counts"]
-    budget, budget_count = allocmoe.get(p + "budget", 0.0), allocmoe.get(p + "budget_count", 0)
+    counts = fields[Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=i)]
+    budget = fields.get(Keys.PLAN_BUDGET.format(index=i), 0.0)
+    budget_count = fields.get(Keys.PLAN_BUDGET_COUNT.format(index=i), 0)
     if not (isinstance(counts, list) and all(isinstance(k, int) for k in counts)
             and isinstance(budget, (int, float)) and isinstance(budget_count, int)):
-        raise AllocMoeError(f"{path}: allocmoe.plan.{i}.* has values of the wrong type; the file's plan metadata is malformed")
-    thresholds = allocmoe.get(p + "token_thresholds")
+        raise AllocMoeError(f"{path}: {Keys.PLAN_PREFIX}{i}.* has values of the wrong type; the file's plan "
+                            "metadata is malformed")
+    thresholds = fields.get(Keys.PLAN_TOKEN_THRESHOLDS.format(index=i))
     if thresholds is not None and not (isinstance(thresholds, list) and all(isinstance(t, float) for t in thresholds)):
-        raise AllocMoeError(f"{path}: allocmoe.plan.{i}.token_thresholds is not a float array; the file's plan metadata is malformed")
+        raise AllocMoeError(f"{path}: {Keys.PLAN_TOKEN_THRESHOLDS.format(index=i)} is not a float array; the "
+                            "file's plan metadata is malformed")
     return {"counts": tuple(counts), "budget": float(budget), "budget_count": int(budget_count),
-            "method": str(allocmoe.get(p + "method", "custom")), "name": str(allocmoe.get(p + "name", "")),
+            "method": str(fields.get(Keys.PLAN_METHOD.format(index=i), "custom")),
+            "name": str(fields.get(Keys.PLAN_NAME.format(index=i), "")),
             "thresholds": None if thresholds is None else tuple(thresholds)}
 
 
@@ -330,32 +454,31 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
     thresholds = any(p.thresholds is not None for p in plans)
     d = plans[default]
     fields: dict[str, tuple[Any, Any, Any]] = {
-        PREFIX + "version": (FORMAT_VERSION_THRESHOLDS if thresholds else FORMAT_VERSION, T.UINT32, None),
-        PREFIX + "enabled": (enabled, T.BOOL, None),
-        PREFIX + "layer_expert_counts": (list(d.counts), T.ARRAY, T.UINT32),
-        PREFIX + "budget": (float(d.budget), T.FLOAT32, None),
-        PREFIX + "budget_count": (int(d.budget_count), T.UINT32, None),
-        PREFIX + "token_k_min": (int(k_min), T.UINT32, None),
-        PREFIX + "token_k_max": (int(k_max), T.UINT32, None),
-        PREFIX + "plan_count": (len(plans), T.UINT32, None),
-        PREFIX + "plan_default": (int(default), T.UINT32, None),
-        PREFIX + "tool": (f"allocmoe-edge {__version__}", T.STRING, None),
+        Keys.VERSION: (FORMAT_VERSION_THRESHOLDS if thresholds else FORMAT_VERSION, T.UINT32, None),
+        Keys.ENABLED: (enabled, T.BOOL, None),
+        Keys.LAYER_EXPERT_COUNTS: (list(d.counts), T.ARRAY, T.UINT32),
+        Keys.BUDGET: (float(d.budget), T.FLOAT32, None),
+        Keys.BUDGET_COUNT: (int(d.budget_count), T.UINT32, None),
+        Keys.TOKEN_K_MIN: (int(k_min), T.UINT32, None),
+        Keys.TOKEN_K_MAX: (int(k_max), T.UINT32, None),
+        Keys.PLAN_COUNT: (len(plans), T.UINT32, None),
+        Keys.PLAN_DEFAULT: (int(default), T.UINT32, None),
+        Keys.TOOL: (f"allocmoe-edge {__version__}", T.STRING, None),
     }
     if thresholds:
-        fields[PREFIX + "token_mode"] = (mode, T.STRING, None)
+        fields[Keys.TOKEN_MODE] = (mode, T.STRING, None)
         if d.thresholds is not None:
-            fields[PREFIX + "token_thresholds"] = (list(d.thresholds), T.ARRAY, T.FLOAT32)
+            fields[Keys.TOKEN_THRESHOLDS] = (list(d.thresholds), T.ARRAY, T.FLOAT32)
     for i, p in enumerate(plans):
-        q = f"{PREFIX}plan.{i}."
-        fields[q + "layer_expert_counts"] = (list(p.counts), T.ARRAY, T.UINT32)
+        fields[Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=i)] = (list(p.counts), T.ARRAY, T.UINT32)
         if p.thresholds is not None:
-            fields[q + "token_thresholds"] = (list(p.thresholds), T.ARRAY, T.FLOAT32)
-        fields[q + "budget"] = (float(p.budget), T.FLOAT32, None)
-        fields[q + "budget_count"] = (int(p.budget_count), T.UINT32, None)
-        fields[q + "method"] = (p.method, T.STRING, None)
-        fields[q + "name"] = (p.name or f"plan-{i}", T.STRING, None)
-    for key, text in (provenance or {}).items():
-        fields[PREFIX + key] = (str(text), T.STRING, None)
+            fields[Keys.PLAN_TOKEN_THRESHOLDS.format(index=i)] = (list(p.thresholds), T.ARRAY, T.FLOAT32)
+        fields[Keys.PLAN_BUDGET.format(index=i)] = (float(p.budget), T.FLOAT32, None)
+        fields[Keys.PLAN_BUDGET_COUNT.format(index=i)] = (int(p.budget_count), T.UINT32, None)
+        fields[Keys.PLAN_METHOD.format(index=i)] = (p.method, T.STRING, None)
+        fields[Keys.PLAN_NAME.format(index=i)] = (p.name or f"plan-{i}", T.STRING, None)
+    for name, text in (provenance or {}).items():  # source, calibration, outtype, ...
+        fields[Keys.PREFIX + name] = (str(text), T.STRING, None)
     return fields
 
 
@@ -366,7 +489,7 @@ def stamp(src: str | os.PathLike[str], dst: str | os.PathLike[str], plans: list[
     info = read_info(src)
     fields = plan_fields(info, plans, default, k_min, k_max, {"source": Path(src).name, **(provenance or {})},
                          token_mode=token_mode)
-    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(PREFIX), progress=progress)
+    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(Keys.PREFIX), progress=progress)
     return read_info(dst)
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .errors import AllocMoeError
-from .gguf_meta import TOKEN_MODES, ModelInfo, find_plan, open_reader, read_info
-from .plan import check_fraction
+from .gguf_meta import Keys, ModelInfo, find_plan, open_reader, read_info
+from .plan import TOKEN_MODES, check_fraction
 
 
 def llama_cpp_module() -> Any:
@@ -78,7 +78,7 @@ class LoadChoice:
         """The scalar kv_overrides that make llama.cpp run this choice."""
         kv: dict[str, bool | int | float | str] = {}
         if self.full_budget or self.uniform_k is not None:
-            kv["allocmoe.enabled"] = False
+            kv[Keys.ENABLED] = False
         if self.uniform_k is not None:
             if not 1 <= self.uniform_k <= info.expert_count:
                 raise AllocMoeError(f"uniform top-k {self.uniform_k} is outside [1, {info.expert_count}]")
@@ -86,13 +86,13 @@ class LoadChoice:
         if self.plan_index is not None:
             if not 0 <= self.plan_index < len(info.plans):
                 raise AllocMoeError(f"plan {self.plan_index} does not exist; {info.path} stores {len(info.plans)} plan(s)")
-            kv["allocmoe.plan_index"] = int(self.plan_index)
+            kv[Keys.PLAN_INDEX] = int(self.plan_index)
         if self.token_k_max is not None:
-            kv["allocmoe.token_k_max"] = int(self.token_k_max)
+            kv[Keys.TOKEN_K_MAX] = int(self.token_k_max)
         if self.token_mode is not None:
             if self.token_mode not in TOKEN_MODES:
                 raise AllocMoeError(f"token mode {self.token_mode!r} is not one of {', '.join(TOKEN_MODES)}")
-            kv["allocmoe.token_mode"] = self.token_mode
+            kv[Keys.TOKEN_MODE] = self.token_mode
         return kv
 
 
@@ -130,20 +130,20 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
         if not llama_kwargs.get("n_gpu_layers"):
             raise AllocMoeError("rpc_servers take the offloaded layers: give n_gpu_layers (-1 or 99 for all of them)")
         add_rpc_servers(rpc_servers)
-    if info.allocmoe.get("layer_expert_counts") is not None and patch_version() is None:
+    if info.meta.has_plan and patch_version() is None:
         if not allow_unpatched:
             raise AllocMoeError(
                 f"{path} carries a budget plan but the installed llama-cpp-python is a stock build, which would "
                 "run it at full budget; run `allocmoe build-runtime` (or pass --allow-unpatched)")
         warnings.warn("stock llama-cpp-python: running the file at full budget", stacklevel=2)
-        kv = {k: v for k, v in kv.items() if not k.startswith("allocmoe.")}
+        kv = {k: v for k, v in kv.items() if not k.startswith(Keys.PREFIX)}
     if _alloc_t_on_gpu(info, kv, llama_kwargs.get("n_gpu_layers", 0)) and not os.environ.get(GPU_ALLOC_T_ENV):
         warnings.warn(f"Alloc-T is off for GPU-offloaded layers: it aborted with a CUDA error on an H200 (repeated "
                       "experts in mul_mat_id's ids), and the fix (patch 0002: distinct experts per ids column) and the "
                       "decode rule's skipped ids (patch 0004) have not run on a GPU yet (scripts/gpu_check.sh checks "
                       f"them); per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to run Alloc-T there)",
                       stacklevel=2)
-        kv["allocmoe.token_k_max"] = 0
+        kv[Keys.TOKEN_K_MAX] = 0
     llama_kwargs.update(_cpu_moe_kwargs(info, cpu_moe, n_cpu_moe))
     llama_kwargs.setdefault("n_ctx", 512)
     _install_log()
@@ -289,9 +289,9 @@ def _ranges(values: list[int]) -> str:
 
 def _alloc_t_on_gpu(info: ModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:
     """Whether this load would run Alloc-T with layers on a GPU backend."""
-    if n_gpu_layers == 0 or kv.get("allocmoe.enabled") is False:
+    if n_gpu_layers == 0 or kv.get(Keys.ENABLED) is False:
         return False
-    k_max = kv.get("allocmoe.token_k_max", info.allocmoe.get("token_k_max", 0))
+    k_max = kv.get(Keys.TOKEN_K_MAX, info.meta.token_k_max)
     return bool(k_max) and bool(llama_cpp_module().llama_supports_gpu_offload())
 
 

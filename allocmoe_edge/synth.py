@@ -20,8 +20,8 @@ import numpy as np
 
 from .errors import AllocMoeError
 from .fsutil import atomic_output
+from .gguf_meta import Keys, ModelInfo, open_reader
 
-SYNTHETIC_KEY = "allocmoe.synthetic"
 NAME_PREFIX = "synthetic"
 QUANT_TYPES = ("q4_0", "q8_0")
 _CHUNK_BYTES = 16 << 20
@@ -152,7 +152,7 @@ def _metadata(w: Any, shape: Shape, n_layer: int, qtype: str) -> None:
 
     s = shape
     w.add_name(f"{NAME_PREFIX} {s.title} (random weights, {n_layer} layers)")
-    w.add_bool(SYNTHETIC_KEY, True)
+    w.add_bool(Keys.SYNTHETIC, True)
     w.add_block_count(n_layer)
     w.add_context_length(s.n_ctx)
     w.add_embedding_length(s.n_embd)
@@ -296,15 +296,13 @@ def synthesize(shape_name: str, qtype: str, output: str | os.PathLike[str], n_la
     return out
 
 
-def is_synthetic(info: Any) -> bool:
+def is_synthetic(info: ModelInfo) -> bool:
     """True for a file made by `synthesize` (random weights: no quality numbers on it).
 
     Checks ``allocmoe.synthetic`` and, because stamping a copy may drop allocmoe.* keys,
     also whether ``general.name`` starts with "synthetic".
     """
-    if info.allocmoe.get("synthetic"):
+    if info.meta.synthetic:
         return True
-    from .gguf_meta import open_reader
-
     field = open_reader(info.path).get_field("general.name")
     return field is not None and str(field.contents()).lower().startswith(NAME_PREFIX)

@@ -35,7 +35,9 @@ from typing import Any, Iterator
 
 import gguf
 
-from allocmoe_edge.gguf_meta import FORMAT_VERSION_THRESHOLDS, PREFIX, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info
+from allocmoe_edge.gguf_meta import (
+    FORMAT_VERSION_THRESHOLDS, Keys, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info,
+)
 
 T = gguf.GGUFValueType
 Field = tuple[Any, Any, Any]  # (value, GGUFValueType, sub_type or None)
@@ -110,13 +112,13 @@ def catalogue(info: ModelInfo) -> list[Case]:
     L, E, K = info.block_count, info.expert_count, info.expert_used_count
     base = base_fields(info)
     (c0, c1), k_max = base_plans(info)
-    counts, p1 = PREFIX + "layer_expert_counts", PREFIX + "plan.1.layer_expert_counts"
-    kmin, kmax = PREFIX + "token_k_min", PREFIX + "token_k_max"
+    counts, p1 = Keys.LAYER_EXPERT_COUNTS, Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=1)
+    kmin, kmax = Keys.TOKEN_K_MIN, Keys.TOKEN_K_MAX
     out: list[Case] = []
-    pc, pi = PREFIX + "plan_count", PREFIX + "plan_index"
+    pc, pi = Keys.PLAN_COUNT, Keys.PLAN_INDEX
     # every key with wrong scalar and array types: all of them for the keys the loader reads,
     # a few for the rest; the plan keys also with plan 1 selected
-    loader_keys = {PREFIX + "version", PREFIX + "enabled", counts, kmin, kmax, pc, pi, p1}
+    loader_keys = {Keys.VERSION, Keys.ENABLED, counts, kmin, kmax, pc, pi, p1}
     for key in sorted(set(base) | {pi}):
         scalars = _WRONG if key in loader_keys else {t: _WRONG[t] for t in ("str", "f32", "i32")}
         arrays = _WRONG_ARR if key in loader_keys else {"str": _WRONG_ARR["str"]}
@@ -132,7 +134,7 @@ def catalogue(info: ModelInfo) -> list[Case]:
     # missing keys, one at a time
     for key in sorted(base):
         out.append(Case(f"drop:{key}", drop=frozenset({key})))
-        if key.startswith(PREFIX + "plan.1."):
+        if key.startswith(f"{Keys.PLAN_PREFIX}1."):
             out.append(Case(f"drop:{key}+sel1", drop=frozenset({key}), override=1))
     # lengths and values of the default counts and of plan 1 (selected)
     for key, ov, good in ((counts, None, c0), (p1, 1, c1)):
@@ -157,11 +159,11 @@ def catalogue(info: ModelInfo) -> list[Case]:
         out.append(Case(f"kmin={lo},kmax={hi},counts={c}", {kmin: u32(lo), kmax: u32(hi), counts: arr(c, T.UINT32)}))
     # version and enabled
     for v in (0, 2, 3, 2**31, U32_MAX):
-        out.append(Case(f"version={v}", {PREFIX + "version": u32(v)}))
+        out.append(Case(f"version={v}", {Keys.VERSION: u32(v)}))
     for name, f in (("false", (False, T.BOOL, None)), ("str_false", ("false", T.STRING, None)),
                     ("i32_0", (0, T.INT32, None)), ("u8_1", (1, T.UINT8, None))):
-        out.append(Case(f"enabled={name}", {PREFIX + "enabled": f}))
-        out.append(Case(f"enabled={name}+bad_counts", {PREFIX + "enabled": f, counts: arr([E + 1] * (L + 1), T.UINT32)}))
+        out.append(Case(f"enabled={name}", {Keys.ENABLED: f}))
+        out.append(Case(f"enabled={name}+bad_counts", {Keys.ENABLED: f, counts: arr([E + 1] * (L + 1), T.UINT32)}))
     # plan_count / plan_index inconsistencies
     for v in (0, 1, 2, 2**31, U32_MAX):
         out.append(Case(f"file_plan_index={v}", {pi: u32(v)}))
@@ -170,13 +172,14 @@ def catalogue(info: ModelInfo) -> list[Case]:
     for count, ov in ((0, 0), (1, 1), (U32_MAX, 1), (U32_MAX, 7), (2**31, 2**31 - 1)):
         out.append(Case(f"plan_count={count}+sel{ov}", {pc: u32(count)}, override=ov))
     out.append(Case("plan_count=huge,no_sel", {pc: u32(U32_MAX)}))
-    out.append(Case("plan.5_beyond_count", {PREFIX + "plan.5.layer_expert_counts": arr([1] * L, T.UINT32)}))
-    out.append(Case("plan.5_beyond_count+sel5", {PREFIX + "plan.5.layer_expert_counts": arr([1] * L, T.UINT32)},
-                    override=5))
-    out.append(Case("plan_default=7", {PREFIX + "plan_default": u32(7)}))
-    out.append(Case("no_plan_keys+sel0", drop=frozenset(k for k in base if k.startswith(PREFIX + "plan")), override=0))
+    p5 = Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=5)
+    out.append(Case("plan.5_beyond_count", {p5: arr([1] * L, T.UINT32)}))
+    out.append(Case("plan.5_beyond_count+sel5", {p5: arr([1] * L, T.UINT32)}, override=5))
+    out.append(Case("plan_default=7", {Keys.PLAN_DEFAULT: u32(7)}))
+    plan_keys = frozenset(k for k in base if k in (pc, Keys.PLAN_DEFAULT) or k.startswith(Keys.PLAN_PREFIX))
+    out.append(Case("no_plan_keys+sel0", drop=plan_keys, override=0))
     # duplicated keys (gguf-py keeps one value per key; the writer below patches a placeholder name)
-    for key, f in ((PREFIX + "version", u32(1)), (PREFIX + "enabled", (True, T.BOOL, None)),
+    for key, f in ((Keys.VERSION, u32(1)), (Keys.ENABLED, (True, T.BOOL, None)),
                    (counts, arr(c0, T.UINT32)), (kmax, u32(k_max)), (pc, u32(2)), (p1, arr(c1, T.UINT32))):
         out.append(Case(f"dup:{key}", {key: f}, duplicate=key))
     return out
@@ -194,9 +197,11 @@ def random_cases(info: ModelInfo, n: int, rng: random.Random) -> Iterator[Case]:
             sub = T.INT32 if min(vals, default=0) < 0 or rng.random() < 0.2 else T.UINT32
             lo = rng.randint(1, min(vals)) if valid and vals else rng.randint(0, E + 1)
             hi = rng.choice([0, max(vals or [0]), E, rng.randint(0, E + 1)])
-            key = rng.choice([PREFIX + "layer_expert_counts", PREFIX + "plan.0.layer_expert_counts"])
-            yield Case(f"rand{i}:counts={vals},kmin={lo},kmax={hi}", {key: arr(vals, sub), PREFIX + "token_k_min": u32(lo),
-                       PREFIX + "token_k_max": u32(hi)}, override=0 if key.endswith("plan.0.layer_expert_counts") else None)
+            plan0 = Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=0)
+            key = rng.choice([Keys.LAYER_EXPERT_COUNTS, plan0])
+            yield Case(f"rand{i}:counts={vals},kmin={lo},kmax={hi}",
+                       {key: arr(vals, sub), Keys.TOKEN_K_MIN: u32(lo), Keys.TOKEN_K_MAX: u32(hi)},
+                       override=0 if key == plan0 else None)
         else:
             parts = rng.sample(pool, rng.randint(2, 3))
             case = Case(f"rand{i}:" + "&".join(p.name for p in parts))
@@ -237,25 +242,25 @@ def expected(case: Case, info: ModelInfo, base: dict[str, Field]) -> list[int] |
         return v
 
     try:
-        if scalar(PREFIX + "version", T.UINT32, 0) > FORMAT_VERSION_THRESHOLDS:  # the newest format the patch reads
+        if scalar(Keys.VERSION, T.UINT32, 0) > FORMAT_VERSION_THRESHOLDS:  # the newest format the patch reads
             return None
-        enabled = scalar(PREFIX + "enabled", T.BOOL, True)
-        plan_count = scalar(PREFIX + "plan_count", T.UINT32, 0)
-        prefix = PREFIX
-        index = case.override % 2**32 if case.override is not None else scalar(PREFIX + "plan_index", T.UINT32, None)
+        enabled = scalar(Keys.ENABLED, T.BOOL, True)
+        plan_count = scalar(Keys.PLAN_COUNT, T.UINT32, 0)
+        counts_key = Keys.LAYER_EXPERT_COUNTS
+        index = case.override % 2**32 if case.override is not None else scalar(Keys.PLAN_INDEX, T.UINT32, None)
         if index is not None:
             if index >= plan_count:
                 return None
-            prefix = f"{PREFIX}plan.{index}."
-        if prefix + "layer_expert_counts" not in kv:
+            counts_key = Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=index)
+        if counts_key not in kv:
             return None if index is not None else stock
         if not enabled:
             return stock
-        v, t, sub = kv[prefix + "layer_expert_counts"]
+        v, t, sub = kv[counts_key]
         if t != T.ARRAY or sub not in (T.UINT32, T.INT32) or len(v) != L or not all(1 <= k <= E for k in v):
             return None
-        k_min = scalar(PREFIX + "token_k_min", T.UINT32, 1)
-        k_max = scalar(PREFIX + "token_k_max", T.UINT32, 0)
+        k_min = scalar(Keys.TOKEN_K_MIN, T.UINT32, 1)
+        k_max = scalar(Keys.TOKEN_K_MAX, T.UINT32, 0)
         if not 1 <= k_min <= E or k_max > E or any(k < k_min or (k_max and k > k_max) for k in v):
             return None
         return list(v)
@@ -280,9 +285,9 @@ def write_case(base_path: Path, case: Case, base: dict[str, Field], out: Path) -
     kv = case.merged(base)
     placeholder = None
     if case.duplicate:
-        placeholder = case.duplicate.replace(PREFIX, PREFIX[:-2] + "#.", 1)
+        placeholder = case.duplicate.replace(Keys.PREFIX, Keys.PREFIX[:-2] + "#.", 1)
         kv[placeholder] = case.set[case.duplicate]
-    copy_with_metadata(base_path, out, kv, drop=lambda k: k.startswith(PREFIX), writer_cls=_Writer)
+    copy_with_metadata(base_path, out, kv, drop=lambda k: k.startswith(Keys.PREFIX), writer_cls=_Writer)
     if placeholder:
         at = out.read_bytes().index(placeholder.encode())
         with open(out, "r+b") as f:
@@ -357,7 +362,7 @@ def _worker(jobs_path: str) -> None:
         keep: Any = None
         if job["override"] is not None:
             keep = (llama_cpp.llama_model_kv_override * 2)()
-            keep[0].key = b"allocmoe.plan_index"
+            keep[0].key = Keys.PLAN_INDEX.encode()
             keep[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
             keep[0].value.val_i64 = job["override"]  # keep[1] stays zeroed: the end marker
             params.kv_overrides = keep

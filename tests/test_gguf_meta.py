@@ -8,7 +8,8 @@ import pytest
 
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import (
-    StoredPlan, expand_counts, find_plan, plan_for_counts, read_info, stamp, stored_plan_from_file,
+    AllocmoeMeta, Keys, StoredPlan, copy_with_metadata, expand_counts, find_plan, plan_for_counts, read_info, stamp,
+    stored_plan_from_file,
 )
 from allocmoe_edge.plan import Budget, ModelIdentity, Plan
 
@@ -113,3 +114,34 @@ def test_find_plan_by_budget(tmp_path):
     with pytest.raises(AllocMoeError, match="no stored plan"):
         find_plan(out, 0.25)
     assert isinstance(out.plans[0], StoredPlan)
+
+
+def test_typed_metadata_view(tmp_path):
+    src = write_fake_moe(tmp_path / "m.gguf")
+    info = read_info(src)
+    assert info.meta == AllocmoeMeta() and not info.meta.has_plan
+    out = stamp(src, tmp_path / "o.gguf", [plan_for_counts(info, [2, 1, 1, 2]), plan_for_counts(info, [1, 1, 1, 1])],
+                default=1, k_min=1, k_max=2)
+    meta = out.meta
+    assert meta.has_plan and meta.layer_expert_counts == (1, 1, 1, 1) and meta.budget_count == 4
+    assert (meta.version, meta.enabled, meta.token_k_min, meta.token_k_max, meta.token_mode) == (1, True, 1, 2, "batch")
+    assert (meta.plan_count, meta.plan_default, meta.source, meta.malformed) == (2, 1, "m.gguf", ())
+    assert meta.plans == tuple(out.plans) and meta.plans[0].counts == (2, 1, 1, 2)
+    for name in meta.keys:  # every key the file has is named by Keys and typed by AllocmoeMeta
+        assert getattr(Keys, name.upper()) == Keys.PREFIX + name and hasattr(meta, name)
+    assert Keys.PLAN_BUDGET.format(index=1) == "allocmoe.plan.1.budget"
+
+
+def test_malformed_metadata_keeps_defaults_and_is_named(tmp_path):
+    src = write_fake_moe(tmp_path / "m.gguf")
+    info = read_info(src)
+    good = stamp(src, tmp_path / "o.gguf", [plan_for_counts(info, [2, 1, 1, 2])], k_min=1, k_max=2)
+    T = gguf.GGUFValueType
+    bad = tmp_path / "bad.gguf"
+    copy_with_metadata(good.path, bad, {Keys.TOKEN_K_MAX: ("two", T.STRING, None),
+                                        Keys.TOKEN_MODE: ("sideways", T.STRING, None)}, drop=lambda k: False)
+    meta = read_info(bad).meta
+    assert set(meta.malformed) == {"token_k_max", "token_mode"} and meta.has_plan
+    assert (meta.token_k_max, meta.token_mode) == (0, "batch")  # the defaults
+    with pytest.raises(AllocMoeError, match="allocmoe.token_k_max"):
+        meta.check(bad)

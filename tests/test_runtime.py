@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.gguf_meta import PREFIX, AllocmoeMeta, Keys, copy_with_metadata, plan_for_counts, read_info, stamp
 from allocmoe_edge.runtime import LoadChoice
 
 from .llama_logits import RTOL, llama_logits, tokens_for, torch_logits
@@ -135,13 +135,13 @@ def test_alloc_t_is_off_on_gpu_layers_unless_asked(monkeypatch):
 
     gpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: True)
     monkeypatch.setattr(runtime, "llama_cpp_module", lambda: gpu)
-    info = types.SimpleNamespace(allocmoe={"token_k_max": 4})
+    info = types.SimpleNamespace(meta=AllocmoeMeta(token_k_max=4))
     assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)
     assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=-1)
     assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=0)
-    assert not runtime._alloc_t_on_gpu(info, {"allocmoe.token_k_max": 0}, n_gpu_layers=99)
-    assert not runtime._alloc_t_on_gpu(info, {"allocmoe.enabled": False}, n_gpu_layers=99)
-    assert not runtime._alloc_t_on_gpu(types.SimpleNamespace(allocmoe={}), {}, n_gpu_layers=99)
+    assert not runtime._alloc_t_on_gpu(info, {Keys.TOKEN_K_MAX: 0}, n_gpu_layers=99)
+    assert not runtime._alloc_t_on_gpu(info, {Keys.ENABLED: False}, n_gpu_layers=99)
+    assert not runtime._alloc_t_on_gpu(types.SimpleNamespace(meta=AllocmoeMeta()), {}, n_gpu_layers=99)
     cpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: False)
     monkeypatch.setattr(runtime, "llama_cpp_module", lambda: cpu)
     assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)

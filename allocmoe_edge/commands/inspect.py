@@ -34,17 +34,16 @@ def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
                f"MoE layers: {len(info.moe_layers)} (full budget {info.full_budget} activations/token)")
     if placement:
         click.echo(placement_line(placement))
-    meta = info.allocmoe
-    if "layer_expert_counts" not in meta:
+    meta = info.meta
+    if not meta.has_plan:
         click.echo("allocmoe: no plan (runs at the original top-k)")
         return
-    mode = meta.get("token_mode", "batch")
-    click.echo(f"allocmoe: format {meta.get('version')}, enabled={meta.get('enabled', True)}, "
-               f"Alloc-T k_min={meta.get('token_k_min', 1)} k_max={meta.get('token_k_max', 0)} (0 = off), "
-               f"rule: {mode} ({RULES[mode]})")
-    default = meta.get("plan_default", 0)
-    for i, p in enumerate(info.plans):
-        mark = "*" if i == default else " "
+    meta.check(info.path)
+    click.echo(f"allocmoe: format {meta.version}, enabled={meta.enabled}, "
+               f"Alloc-T k_min={meta.token_k_min} k_max={meta.token_k_max} (0 = off), "
+               f"rule: {meta.token_mode} ({RULES[meta.token_mode]})")
+    for i, p in enumerate(meta.plans):
+        mark = "*" if i == meta.plan_default else " "
         click.echo(f" {mark} plan {i}: {p.name} ({p.method}) budget {p.budget:.3f} = {p.budget_count} "
                    f"activations; counts {','.join(map(str, p.counts))}")
         if p.thresholds is not None:
