@@ -377,7 +377,9 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
     ``set_fields`` maps key -> (value, GGUFValueType, sub_type or None); arrays must name their
     sub_type (gguf-py would otherwise write a uint32 list as int32). ``writer_cls`` replaces
-    gguf-py's GGUFWriter (the loader fuzzer writes values gguf-py refuses).
+    gguf-py's GGUFWriter (the loader fuzzer writes values gguf-py refuses). Tensor data is aligned
+    as the copy's ``general.alignment`` says (gguf-py's ``copy_with_new_metadata`` sets it from the
+    input's): readers place the data by that key.
     """
     import gguf
 
@@ -392,6 +394,9 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     arch = _value(reader, "general.architecture")
     with atomic_output(dst) as tmp:
         writer = (writer_cls or gguf.GGUFWriter)(tmp, arch, endianess=reader.endianess)
+        alignment = _written_alignment(reader, set_fields, drop)
+        if alignment is not None:
+            writer.data_alignment = alignment
         for f in reader.fields.values():
             if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or drop(f.name) or f.name in set_fields:
                 continue
@@ -412,6 +417,17 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
             if progress:
                 progress(done, total)
         writer.close()
+
+
+def _written_alignment(reader: Any, set_fields: dict[str, tuple[Any, Any, Any]],
+                       drop: Callable[[str], bool]) -> int | None:
+    """The ``general.alignment`` a copy carries (None: none, the default alignment applies)."""
+    import gguf
+
+    key = gguf.Keys.General.ALIGNMENT
+    if key in set_fields:
+        return int(set_fields[key][0])
+    return None if drop(key) else _value(reader, key)
 
 
 def _free_bytes(folder: Path) -> int | None:

@@ -145,3 +145,29 @@ def test_malformed_metadata_keeps_defaults_and_is_named(tmp_path):
     assert (meta.token_k_max, meta.token_mode) == (0, "batch")  # the defaults
     with pytest.raises(AllocMoeError, match="allocmoe.token_k_max"):
         meta.check(bad)
+
+
+def test_copy_keeps_a_custom_alignment(tmp_path):
+    """A GGUF aligned to 64 bytes is copied with its data aligned to 64 (readers place it by general.alignment)."""
+    src = tmp_path / "a64.gguf"
+    w = gguf.GGUFWriter(src, "qwen2moe")
+    w.add_custom_alignment(64)
+    w.add_block_count(1)
+    tensors = {"a": np.arange(5, dtype=np.float32), "b": np.arange(7, dtype=np.float32) + 100,
+               "c": np.arange(3, dtype=np.float32) - 7}  # sizes not multiples of 32 or 64: padding shows
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    T = gguf.GGUFValueType
+    dst = tmp_path / "copy.gguf"
+    copy_with_metadata(src, dst, {Keys.SOURCE: ("a64.gguf", T.STRING, None)}, drop=lambda k: False)
+    reader = gguf.GGUFReader(dst)
+    assert reader.alignment == 64 and reader.get_field("general.alignment").contents() == 64
+    assert reader.get_field(Keys.SOURCE).contents() == "a64.gguf"
+    assert {t.name for t in reader.tensors} == set(tensors)
+    for t in reader.tensors:
+        np.testing.assert_array_equal(np.array(t.data), tensors[t.name])
+        assert t.data_offset % 64 == 0
