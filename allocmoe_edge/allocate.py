@@ -26,7 +26,7 @@ import numpy as np
 
 from . import sensitivity
 from .errors import AllocMoeError
-from .plan import TOKEN_MODES, Budget, ModelIdentity, Plan
+from .plan import TOKEN_MODES, Budget, PlanModelShape, Plan
 from .sensitivity import METRICS
 from .thresholds import plan_thresholds
 
@@ -119,7 +119,7 @@ def uniform_counts(n_layers: int, budget: int, k_min: int, k_max: int) -> list[i
     return [base + 1] * extra + [base] * (n_layers - extra)
 
 
-def _token_thresholds(sens: Mapping[str, Any], model: ModelIdentity, counts: Sequence[int], k_min: int,
+def _token_thresholds(sens: Mapping[str, Any], model: PlanModelShape, counts: Sequence[int], k_min: int,
                       k_max: int) -> tuple[float | None, ...]:
     """The decode rule's threshold per MoE layer (None where the count is k_min or k_max)."""
     stats = sensitivity.routing_stats(sens)

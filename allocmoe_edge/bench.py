@@ -69,7 +69,7 @@ from .benchstats import BASELINE, format_mean_sd, format_speedup, percentiles, s
 from .errors import AllocMoeError
 from .evaluate import BUDGET_TOLERANCE, EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
-from .gguf_meta import Keys, ModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .gguf_meta import Keys, GgufModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
 from .plan import fraction_problem
 from .thresholds import block_thresholds
 
@@ -148,32 +148,32 @@ def job(path: str | Path, config: EvalConfig, opts: BenchOptions) -> dict[str, A
             "prompts": list(opts.prompts), "n_gen": opts.n_gen, "seed": opts.seed}
 
 
-def configurations(info: ModelInfo, budgets: tuple[float, ...] | None) -> list[EvalConfig]:
+def configurations(info: GgufModelInfo, budgets: tuple[float, ...] | None) -> list[EvalConfig]:
     """The rows `allocmoe eval` makes for this file (`evaluate.gguf_configurations`), so the tables match;
     ``budgets`` None runs every stored plan."""
     return gguf_configurations(info, None if budgets is None else list(budgets))
 
 
-def executed_counts(info: ModelInfo, config: EvalConfig) -> tuple[int, ...]:
+def executed_counts(info: GgufModelInfo, config: EvalConfig) -> tuple[int, ...]:
     """Experts per MoE layer that ``config`` runs for a single token."""
     if config.plan is not None:
         return tuple(info.plans[config.plan].counts[layer] for layer in info.moe_layers)
     return (config.k or info.expert_used_count,) * len(info.moe_layers)
 
 
-def uniform_split_counts(info: ModelInfo, budget: float) -> list[int]:
+def uniform_split_counts(info: GgufModelInfo, budget: float) -> list[int]:
     """The budget's activation count spread evenly over the MoE layers (`allocate.uniform_counts`:
     earlier layers get the remainder)."""
     from .allocate import uniform_counts
-    from .gguf_meta import identity
+    from .gguf_meta import plan_shape
     from .plan import Budget
 
-    total = Budget.parse(budget, identity(info)).count
+    total = Budget.parse(budget, plan_shape(info)).count
     return uniform_counts(len(info.moe_layers), total, 1, info.expert_used_count)
 
 
 def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...],
-                        decode_rule: bool = False) -> ModelInfo:
+                        decode_rule: bool = False) -> GgufModelInfo:
     """Copy ``src`` to ``dst`` with a "uniform-split" plan per budget below 1 and Alloc-T enabled.
 
     With ``decode_rule`` every plan also gets decode thresholds, calibrated on the file's own
@@ -194,7 +194,7 @@ def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, 
     return read_info(dst)
 
 
-def _random_token_routing(path: str | Path, info: ModelInfo, ranks: int) -> list[Any]:
+def _random_token_routing(path: str | Path, info: GgufModelInfo, ranks: int) -> list[Any]:
     """The full-budget model's routing statistics over 512 random tokens (`graph_probe.routing_stats`)."""
     import numpy as np
 
@@ -217,7 +217,7 @@ class WeightTraffic:
     per_expert: dict[int, int]  # MoE block -> bytes of one routed expert (all its tensors)
 
     @classmethod
-    def of(cls, path: str | Path, info: ModelInfo) -> WeightTraffic:
+    def of(cls, path: str | Path, info: GgufModelInfo) -> WeightTraffic:
         """Read the tensor sizes of ``path``: routed experts apart, one row of token_embd when
         output.weight exists (a lookup), everything else whole."""
         tensors = open_reader(path).tensors
@@ -258,7 +258,7 @@ def decode_limits(traffic: WeightTraffic, full: tuple[int, ...], counts: tuple[i
     return limits
 
 
-def placement(info: ModelInfo, traffic: WeightTraffic, opts: BenchOptions) -> dict[str, Any]:
+def placement(info: GgufModelInfo, traffic: WeightTraffic, opts: BenchOptions) -> dict[str, Any]:
     """Where the weights are: GPU layers, the MoE blocks whose routed experts stay in system memory
     and their bytes, and which decode limit applies (``limit``: the JSON field the table shows)."""
     from .runtime import cpu_expert_blocks
@@ -315,7 +315,7 @@ def environment(opts: BenchOptions) -> dict[str, Any]:
     }
 
 
-def _row(info: ModelInfo, config: EvalConfig, counts: tuple[int, ...], limits: dict[str, Any], worker: Worker,
+def _row(info: GgufModelInfo, config: EvalConfig, counts: tuple[int, ...], limits: dict[str, Any], worker: Worker,
          opts: BenchOptions) -> dict[str, Any]:
     """One configuration's JSON row: what it runs, its decode ``limits`` and what its child measured
     (speedups are added once every row is known)."""
@@ -330,8 +330,8 @@ def _row(info: ModelInfo, config: EvalConfig, counts: tuple[int, ...], limits: d
             "resident": worker.resident, "error": error, "log": log}
 
 
-def _plans_to_run(model: str | Path, info: ModelInfo, opts: BenchOptions, scratch: Path,
-                  log: Callable[[str], None]) -> tuple[Path, ModelInfo, tuple[float, ...] | None, str]:
+def _plans_to_run(model: str | Path, info: GgufModelInfo, opts: BenchOptions, scratch: Path,
+                  log: Callable[[str], None]) -> tuple[Path, GgufModelInfo, tuple[float, ...] | None, str]:
     """The file to run, its metadata, the budgets to pick plans by (None: every plan) and where the
     plans come from; a file without plans gets uniform-split plans in a copy in ``scratch``."""
     if info.plans or all(b == 1 for b in opts.budgets):

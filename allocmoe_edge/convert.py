@@ -23,7 +23,7 @@ from .errors import AllocMoeError
 from .fsutil import atomic_output
 
 if TYPE_CHECKING:
-    from .plan import ModelIdentity
+    from .plan import PlanModelShape
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANT_TYPES = {"q4_k_m": 15, "q4_0": 2, "q5_k_m": 17, "q6_k": 18}  # llama_ftype values
@@ -93,12 +93,12 @@ def convert_to_type(model_dir: str | os.PathLike[str], outfile: str | os.PathLik
         return quantize(f16, outfile, outtype)
 
 
-def hf_identity(model_dir: str | os.PathLike[str]) -> "ModelIdentity":
-    """A checkpoint's ModelIdentity from its config alone (the model is built on the meta device)."""
+def hf_plan_shape(model_dir: str | os.PathLike[str]) -> "PlanModelShape":
+    """A checkpoint's shape as a plan records it, from its config alone (the model is built on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hf import model_identity
+    from .hf import plan_shape
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -106,7 +106,7 @@ def hf_identity(model_dir: str | os.PathLike[str]) -> "ModelIdentity":
         raise AllocMoeError(f"could not read the config of {model_dir}: {e}") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return model_identity(model)
+    return plan_shape(model)
 
 
 def calibration_provenance(calibration: dict[str, Any]) -> str:
@@ -136,9 +136,9 @@ def build_budgeted_gguf(model_dir: str | os.PathLike[str], plan_paths: list[str]
         raise AllocMoeError("give at least one --plan (from `allocmoe allocate`)")
     if not 0 <= default < len(plans):
         raise AllocMoeError(f"--default {default} is outside [0, {len(plans) - 1}]")
-    ident = hf_identity(model_dir)
+    shape = hf_plan_shape(model_dir)
     for p in plans:
-        p.check_against(ident)
+        p.check_against(shape)
     d = plans[default]
     if any((p.token_k_min, p.token_k_max) != (d.token_k_min, d.token_k_max) for p in plans):
         log(f"plans differ in Alloc-T bounds; the file uses the default plan's k_min={d.token_k_min} "

@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
-from .gguf_meta import ModelInfo, read_info
+from .gguf_meta import GgufModelInfo, read_info
 from .plan import check_fraction
 from .runtime import LoadChoice
 
@@ -182,7 +182,7 @@ def configurations(plans: Sequence[tuple[str, float]], k_orig: int, alloc_t: boo
     return configs + [EvalConfig(f"uniform k={k}", "uniform", k=k) for k in ks]
 
 
-def gguf_configurations(info: ModelInfo, budgets: Sequence[float] | None = None) -> list[EvalConfig]:
+def gguf_configurations(info: GgufModelInfo, budgets: Sequence[float] | None = None) -> list[EvalConfig]:
     """The configurations of a GGUF's stored plans (Alloc-T rows when the file's token_k_max is set)."""
     alloc_t = info.meta.token_k_max != 0
     return configurations([(p.method, p.budget) for p in info.plans], info.expert_used_count, alloc_t, budgets)

@@ -12,7 +12,7 @@ scalar, so a stock llama.cpp still runs a stamped file correctly at full budget.
   loader uses plan i when the scalar kv_override ``allocmoe.plan_index=int:i`` is given
 * provenance strings: ``allocmoe.tool``, ``allocmoe.source``, ``allocmoe.calibration``
 
-`Keys` names every key; `AllocmoeMeta` (``ModelInfo.meta``) is the typed view of a file's keys.
+`Keys` names every key; `AllocmoeMeta` (``GgufModelInfo.meta``) is the typed view of a file's keys.
 
 Format version 2 adds Alloc-T's decode rule: per plan ``allocmoe.plan.<i>.token_thresholds``
 f32[block_count] (and ``allocmoe.token_thresholds`` for the default plan), one routing-score
@@ -36,7 +36,7 @@ import numpy as np
 from . import __version__
 from .errors import AllocMoeError
 from .fsutil import atomic_output
-from .plan import TOKEN_MODES
+from .plan import TOKEN_MODES, Plan, PlanModelShape, count_problems
 
 FORMAT_VERSION = 1
 FORMAT_VERSION_THRESHOLDS = 2
@@ -170,8 +170,8 @@ class AllocmoeMeta:
 
 
 @dataclass
-class ModelInfo:
-    """What `allocmoe inspect` shows: the model's MoE shape and its allocmoe metadata."""
+class GgufModelInfo:
+    """A GGUF's MoE shape (llama.cpp's names) and allocmoe metadata: what `allocmoe inspect` shows."""
 
     path: str
     architecture: str
@@ -240,7 +240,7 @@ def _value(reader: Any, key: str, default: Any = None) -> Any:
     return v.tolist() if isinstance(v, np.ndarray) else v
 
 
-def read_info(path: str | os.PathLike[str]) -> ModelInfo:
+def read_info(path: str | os.PathLike[str]) -> GgufModelInfo:
     """Read the MoE shape and the allocmoe metadata of a GGUF."""
     import gguf
 
@@ -266,7 +266,7 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
         ftype_name = gguf.LlamaFileType(ftype).name if ftype is not None else "unknown"
     except ValueError:
         ftype_name = str(ftype)
-    return ModelInfo(
+    return GgufModelInfo(
         path=str(path), architecture=arch, block_count=block_count,
         expert_count=int(_value(reader, f"{arch}.expert_count", 0) or 0),
         expert_used_count=int(used or 0), moe_layers=moe_layers, file_type=ftype_name,
@@ -302,7 +302,7 @@ def _stored_plan_entry(path: str | os.PathLike[str], fields: dict[str, Any], i: 
             "thresholds": None if thresholds is None else tuple(thresholds)}
 
 
-def expand_counts(info: ModelInfo, counts: list[int]) -> list[int]:
+def expand_counts(info: GgufModelInfo, counts: list[int]) -> list[int]:
     """Per-block counts from either one value per block or one value per MoE layer."""
     if len(counts) == info.block_count:
         return list(counts)
@@ -316,29 +316,23 @@ def expand_counts(info: ModelInfo, counts: list[int]) -> list[int]:
         f"{len(info.moe_layers)} are MoE layers: give one count per block or per MoE layer")
 
 
-def validate_plan(info: ModelInfo, plan: StoredPlan, k_min: int = 1, k_max: int = 0) -> None:
-    """Check a plan against the model exactly as the patched loader does."""
+def check_stored_plan(info: GgufModelInfo, plan: StoredPlan, k_min: int = 1, k_max: int = 0) -> None:
+    """Check a plan to stamp against the GGUF as the patched loader does: one count per block, the
+    counts and Alloc-T bounds by `plan.count_problems`, one decode threshold per block."""
     if info.expert_count == 0 or not info.moe_layers:
         raise AllocMoeError(f"{info.path} has no experts ({info.architecture}); a budget plan needs a MoE model")
     if len(plan.counts) != info.block_count:
         raise AllocMoeError(f"plan has {len(plan.counts)} counts, the model has {info.block_count} blocks")
-    if not 1 <= k_min <= info.expert_count:
-        raise AllocMoeError(f"token_k_min = {k_min} is outside [1, {info.expert_count}]")
-    if k_max and not k_min <= k_max <= info.expert_count:
-        raise AllocMoeError(f"token_k_max = {k_max} must be 0 (Alloc-T off) or in [{k_min}, {info.expert_count}]")
-    for layer, k in enumerate(plan.counts):
-        if not 1 <= k <= info.expert_count:
-            raise AllocMoeError(f"layer {layer}: count {k} is outside [1, {info.expert_count}] (the expert count)")
-        if k < k_min or (k_max and k > k_max):
-            raise AllocMoeError(f"layer {layer}: count {k} is outside [token_k_min, token_k_max] = [{k_min}, {k_max}]")
-    if plan.thresholds is not None:
-        if len(plan.thresholds) != info.block_count:
-            raise AllocMoeError(f"plan has {len(plan.thresholds)} thresholds, the model has {info.block_count} blocks")
-        if any(math.isnan(t) for t in plan.thresholds):
-            raise AllocMoeError("plan has a NaN decode threshold")
+    problems = count_problems(dict(enumerate(plan.counts)), info.expert_count, k_min, k_max)
+    if plan.thresholds is not None and len(plan.thresholds) != info.block_count:
+        problems.append(f"{len(plan.thresholds)} decode thresholds for {info.block_count} blocks")
+    elif plan.thresholds is not None and any(math.isnan(t) for t in plan.thresholds):
+        problems.append("a NaN decode threshold")
+    if problems:
+        raise AllocMoeError(f"invalid plan {plan.name or '(unnamed)'}: " + "; ".join(problems))
 
 
-def plan_for_counts(info: ModelInfo, counts: list[int], method: str = "custom", name: str = "") -> StoredPlan:
+def plan_for_counts(info: GgufModelInfo, counts: list[int], method: str = "custom", name: str = "") -> StoredPlan:
     """A StoredPlan for per-block or per-MoE-layer counts, with its budget computed."""
     full = expand_counts(info, counts)
     spent = sum(full[layer] for layer in info.moe_layers)
@@ -346,24 +340,20 @@ def plan_for_counts(info: ModelInfo, counts: list[int], method: str = "custom", 
                       method=method, name=name or f"{method}-{spent}")
 
 
-def identity(info: ModelInfo, architecture: str | None = None) -> Any:
-    """The file's ModelIdentity (``architecture`` lets a plan made on the HF name compare equal)."""
-    from .plan import ModelIdentity
-
-    return ModelIdentity(architecture=architecture or info.architecture, n_layer=info.block_count,
+def plan_shape(info: GgufModelInfo, architecture: str | None = None) -> PlanModelShape:
+    """The file's shape as a plan records it (``architecture`` lets a plan made on the HF name compare equal)."""
+    return PlanModelShape(architecture=architecture or info.architecture, n_layer=info.block_count,
                          moe_layers=tuple(info.moe_layers), n_expert=info.expert_count, k_orig=info.expert_used_count)
 
 
-def stored_plan_from_file(info: ModelInfo, path: str | os.PathLike[str]) -> StoredPlan:
+def stored_plan_from_file(info: GgufModelInfo, path: str | os.PathLike[str]) -> StoredPlan:
     """Load a plan.json and check it against the GGUF's shape."""
-    from .plan import Plan
-
     return stored_plan(info, Plan.load(path))
 
 
-def stored_plan(info: ModelInfo, plan: Any) -> StoredPlan:
+def stored_plan(info: GgufModelInfo, plan: Plan) -> StoredPlan:
     """A Plan as stored in the GGUF, checked against its shape (GGUF and HF architecture names differ)."""
-    plan.check_against(identity(info, plan.model.architecture))
+    plan.check_against(plan_shape(info, plan.model.architecture))
     thresholds = plan.block_thresholds()
     return StoredPlan(counts=tuple(plan.layer_expert_counts()), budget=plan.budget.fraction,
                       budget_count=plan.budget.count, method=plan.method, name=f"{plan.method}@{plan.budget.fraction:g}",
@@ -452,7 +442,7 @@ def token_mode_for(plans: list[StoredPlan], token_mode: str | None) -> str:
     return mode
 
 
-def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_min: int = 1, k_max: int = 0,
+def plan_fields(info: GgufModelInfo, plans: list[StoredPlan], default: int = 0, k_min: int = 1, k_max: int = 0,
                 provenance: dict[str, str] | None = None, enabled: bool = True,
                 token_mode: str | None = None) -> dict[str, tuple[Any, Any, Any]]:
     """The allocmoe.* key/values for ``plans`` (validated against ``info``); ``token_mode`` as in
@@ -465,7 +455,7 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
     if not 0 <= default < len(plans):
         raise AllocMoeError(f"default plan index {default} is outside [0, {len(plans) - 1}]")
     for p in plans:
-        validate_plan(info, p, k_min, k_max)
+        check_stored_plan(info, p, k_min, k_max)
     mode = token_mode_for(plans, token_mode)
     thresholds = any(p.thresholds is not None for p in plans)
     d = plans[default]
@@ -500,7 +490,7 @@ def plan_fields(info: ModelInfo, plans: list[StoredPlan], default: int = 0, k_mi
 
 def stamp(src: str | os.PathLike[str], dst: str | os.PathLike[str], plans: list[StoredPlan], default: int = 0,
           k_min: int = 1, k_max: int = 0, provenance: dict[str, str] | None = None,
-          progress: Callable[[int, int], None] | None = None, token_mode: str | None = None) -> ModelInfo:
+          progress: Callable[[int, int], None] | None = None, token_mode: str | None = None) -> GgufModelInfo:
     """Write a copy of ``src`` carrying ``plans`` (any earlier allocmoe keys are replaced)."""
     info = read_info(src)
     fields = plan_fields(info, plans, default, k_min, k_max, {"source": Path(src).name, **(provenance or {})},
@@ -509,7 +499,7 @@ def stamp(src: str | os.PathLike[str], dst: str | os.PathLike[str], plans: list[
     return read_info(dst)
 
 
-def find_plan(info: ModelInfo, budget: float) -> int:
+def find_plan(info: GgufModelInfo, budget: float) -> int:
     """Index of the stored plan whose budget fraction is closest to ``budget`` (within 0.02)."""
     plans = info.plans
     if not plans:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import AllocMoeError
-from .plan import ModelIdentity
+from .plan import PlanModelShape
 from .token_alloc import check_bounds, select_above, select_ranked
 
 N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -65,8 +65,9 @@ class MoeLayer:
 
 
 @dataclass(frozen=True)
-class MoeInfo:
-    """The MoE shape of a model."""
+class HfMoeShape:
+    """The MoE shape of a transformers model, with its router and experts modules (the HF side;
+    `plan.PlanModelShape` is what a plan records of it, `gguf_meta.GgufModelInfo` the GGUF side)."""
 
     architecture: str
     n_layer: int
@@ -77,8 +78,9 @@ class MoeInfo:
     shared_experts: bool
 
     @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity(
+    def plan_shape(self) -> PlanModelShape:
+        """The shape as a plan records it."""
+        return PlanModelShape(
             architecture=self.architecture,
             n_layer=self.n_layer,
             moe_layers=tuple(layer.index for layer in self.layers),
@@ -140,7 +142,7 @@ def _find_block(layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return None
 
 
-def moe_info(model: nn.Module) -> MoeInfo:
+def moe_shape(model: nn.Module) -> HfMoeShape:
     """Find the MoE layers, expert count, original top-k and routing of ``model``."""
     config = model.config.get_text_config()
     layers = decoder_layers(model)
@@ -167,7 +169,7 @@ def moe_info(model: nn.Module) -> MoeInfo:
         topk_group=getattr(router, "topk_group", None) if group_limited else None,
     )
     shared = any(_first_attr(layer, ("shared_expert", "shared_experts")) is not None for layer in layers.modules())
-    return MoeInfo(
+    return HfMoeShape(
         architecture=model_type,
         n_layer=len(layers),
         layers=moe,
@@ -178,12 +180,12 @@ def moe_info(model: nn.Module) -> MoeInfo:
     )
 
 
-def model_identity(model: nn.Module) -> ModelIdentity:
-    """The plan-facing identity of ``model`` (architecture is the config's model_type)."""
-    return moe_info(model).identity
+def plan_shape(model: nn.Module) -> PlanModelShape:
+    """The shape of ``model`` as a plan records it (architecture is the config's model_type)."""
+    return moe_shape(model).plan_shape
 
 
-def _per_layer(info: MoeInfo, counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]:
+def _per_layer(info: HfMoeShape, counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]:
     """Counts keyed by block index: a sequence is in MoE-layer order; a mapping leaves other blocks at k_orig."""
     blocks = [layer.index for layer in info.layers]
     if isinstance(counts, Mapping):
@@ -198,7 +200,7 @@ def _per_layer(info: MoeInfo, counts: Sequence[int] | Mapping[int, int]) -> dict
     return {b: int(k) for b, k in zip(blocks, counts)}
 
 
-def _per_layer_values(info: MoeInfo, values: Sequence[float] | Mapping[int, float]) -> dict[int, float]:
+def _per_layer_values(info: HfMoeShape, values: Sequence[float] | Mapping[int, float]) -> dict[int, float]:
     """Per-MoE-layer values keyed by block index (a sequence is in MoE-layer order)."""
     blocks = [layer.index for layer in info.layers]
     if isinstance(values, Mapping):
@@ -211,7 +213,7 @@ def _per_layer_values(info: MoeInfo, values: Sequence[float] | Mapping[int, floa
 
 
 @contextlib.contextmanager
-def _counting(info: MoeInfo) -> Iterator[ActivationCounter]:
+def _counting(info: HfMoeShape) -> Iterator[ActivationCounter]:
     """Count routed activations per layer while the context is open."""
     counter = ActivationCounter()
     handles = []
@@ -247,7 +249,7 @@ def _top_k(routers: Mapping[nn.Module, int]) -> Iterator[None]:
 @contextlib.contextmanager
 def layer_topk(model: nn.Module, counts: Sequence[int] | Mapping[int, int]) -> Iterator[ActivationCounter]:
     """Run each MoE layer at its own top-k (``counts`` per MoE layer); restore on exit."""
-    info = moe_info(model)
+    info = moe_shape(model)
     per_layer = _per_layer(info, counts)
     max_k = info.routing.max_k(info.n_expert)
     bad = {b: k for b, k in per_layer.items() if not 1 <= k <= max_k}
@@ -258,7 +260,7 @@ def layer_topk(model: nn.Module, counts: Sequence[int] | Mapping[int, int]) -> I
             yield counter
 
 
-def _selection_scores(info: MoeInfo, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+def _selection_scores(info: HfMoeShape, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """The scores the router ranks experts by (biased for sigmoid-with-bias routers)."""
     if info.routing.score == "sigmoid":
         scores = logits.float().sigmoid()
@@ -267,7 +269,7 @@ def _selection_scores(info: MoeInfo, router: nn.Module, logits: torch.Tensor) ->
     return logits.float().softmax(dim=-1)
 
 
-def _alloc_t_hook(info: MoeInfo, k: int, k_min: int, tau: float | None = None):
+def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None):
     """A router forward hook that keeps the Alloc-T selection of the router's top-k_max candidates:
     the batch rule over all tokens of the forward pass, or the decode rule with threshold ``tau``."""
     routing = info.routing
@@ -302,7 +304,7 @@ def token_alloc(
     a layer with ``k_l`` equal to ``k_min`` or ``k_max`` is then plain top-k_l, the model's own
     routing unchanged.
     """
-    info = moe_info(model)
+    info = moe_shape(model)
     per_layer = _per_layer(info, counts)
     taus = None if thresholds is None else _per_layer_values(info, thresholds)
     k_max = info.k_orig if k_max is None else k_max
@@ -338,7 +340,7 @@ def token_alloc(
 def routing_scores(model: nn.Module, ranks: int) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Collect, per MoE block, each routed token's ``ranks`` largest selection scores (best first,
     float32 on the CPU; one [tokens, ranks] tensor per forward pass) while the context is open."""
-    info = moe_info(model)
+    info = moe_shape(model)
     ranks = min(ranks, info.n_expert)
     collected: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in info.layers}
 

@@ -94,6 +94,24 @@ def check_fraction(fraction: Any) -> float:
     return float(fraction)
 
 
+def count_problems(counts: Mapping[int, int], n_expert: int, k_min: int, k_max: int) -> list[str]:
+    """What is wrong with per-block expert counts (block -> count) and Alloc-T's token bounds, by the
+    patched loader's rules: 1 <= k_min <= n_expert; k_max 0 (Alloc-T off) or in [k_min, n_expert];
+    every count in [k_min, k_max or n_expert]. Plans (`Plan.validate`) and GGUF stamps
+    (`gguf_meta.check_stored_plan`) are checked by these rules."""
+    out = []
+    if not 1 <= k_min <= n_expert:
+        out.append(f"token_k_min {k_min} must be in [1, n_expert={n_expert}]")
+    if k_max != 0 and not k_min <= k_max <= n_expert:
+        out.append(f"token_k_max {k_max} must be 0 (Alloc-T off) or in [token_k_min={k_min}, n_expert={n_expert}]")
+    lo, hi = max(1, k_min), (k_max or n_expert)
+    bad = [f"{block}:{count}" for block, count in counts.items() if not lo <= count <= hi]
+    if bad:
+        bound = "token_k_max" if k_max else "n_expert"
+        out.append(f"counts outside [{lo}, {hi}] at block:count {', '.join(bad)} (from token_k_min to {bound})")
+    return out
+
+
 def _int(value: Any, where: str) -> int:
     if not _is_int(value):
         raise AllocMoeError(f"{where}: expected an integer, got {value!r}")
@@ -101,8 +119,9 @@ def _int(value: Any, where: str) -> int:
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
-    """What a plan must agree with: the model's block layout and routing shape."""
+class PlanModelShape:
+    """The model shape a plan (and a sensitivity file) records, and must agree with: block layout and
+    routing. Made from a transformers model by `hf.plan_shape`, from a GGUF by `gguf_meta.plan_shape`."""
 
     architecture: str
     n_layer: int
@@ -119,7 +138,7 @@ class ModelIdentity:
         return len(self.moe_layers) * self.k_orig
 
     def problems(self) -> list[str]:
-        """Inconsistencies in the identity itself (empty when it is well formed)."""
+        """Inconsistencies in the shape itself (empty when it is well formed)."""
         out = []
         if not self.architecture:
             out.append("architecture is empty")
@@ -145,7 +164,7 @@ class ModelIdentity:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "model") -> ModelIdentity:
+    def from_dict(cls, d: Any, where: str = "model") -> PlanModelShape:
         _fields(d, ("architecture", "n_layer", "moe_layers", "n_expert", "k_orig"), where)
         if not isinstance(d["architecture"], str):
             raise AllocMoeError(f"{where}.architecture: expected a string, got {d['architecture']!r}")
@@ -178,15 +197,15 @@ class Budget:
     count: int
 
     @classmethod
-    def parse(cls, value: str | float | int, model: ModelIdentity | int, k_min: int = 1) -> Budget:
+    def parse(cls, value: str | float | int, model: PlanModelShape | int, k_min: int = 1) -> Budget:
         """Read a budget given as a fraction (0.5, "0.5", "50%") or a count (78, "78").
 
         A value written without a decimal point is a count; anything else is a fraction in
-        (0, 1]. ``model`` is the model's identity or its full budget; with an identity the
+        (0, 1]. ``model`` is the model's shape or its full budget; with a shape the
         budget must also leave every MoE layer at least ``k_min`` experts.
         """
-        full = model.full_budget if isinstance(model, ModelIdentity) else int(model)
-        if isinstance(model, ModelIdentity):
+        full = model.full_budget if isinstance(model, PlanModelShape) else int(model)
+        if isinstance(model, PlanModelShape):
             floor_count = len(model.moe_layers) * k_min
             floor_why = f"{len(model.moe_layers)} MoE layers x k_min {k_min}"
         else:
@@ -245,7 +264,7 @@ class Plan:
     ``token_k_max`` defaults to the model's k_orig; 0 turns Alloc-T off.
     """
 
-    model: ModelIdentity
+    model: PlanModelShape
     budget: Budget
     method: str
     counts: tuple[int, ...]
@@ -273,7 +292,7 @@ class Plan:
 
     def validate(self) -> None:
         """Raise AllocMoeError listing every inconsistency in the plan."""
-        m, k_min, k_max = self.model, self.token_k_min, self.token_k_max
+        m = self.model
         out = [f"model {p}" for p in m.problems()]
         if self.method not in METHODS:
             out.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
@@ -281,14 +300,7 @@ class Plan:
             out.append(f"version {self.version} is not in 1..{PLAN_VERSION}")
         if len(self.counts) != len(m.moe_layers):
             out.append(f"{len(self.counts)} counts for {len(m.moe_layers)} MoE layers")
-        if not 1 <= k_min <= m.n_expert:
-            out.append(f"token_k_min {k_min} must be in [1, n_expert={m.n_expert}]")
-        if k_max != 0 and not k_min <= k_max <= m.n_expert:
-            out.append(f"token_k_max {k_max} must be 0 (Alloc-T off) or in [token_k_min={k_min}, n_expert={m.n_expert}]")
-        lo, hi = max(1, k_min), (k_max or m.n_expert)
-        bad = [f"{blk}:{c}" for blk, c in zip(m.moe_layers, self.counts) if not lo <= c <= hi]
-        if bad:
-            out.append(f"counts outside [{lo}, {hi}] at block:count {', '.join(bad)}")
+        out += count_problems(dict(zip(m.moe_layers, self.counts)), m.n_expert, self.token_k_min, self.token_k_max)
         if (problem := fraction_problem(self.budget.fraction)) is not None:
             out.append(problem)
         if not 1 <= self.budget.count <= m.full_budget:
@@ -325,8 +337,8 @@ class Plan:
             out[block] = tau if tau is not None else (math.inf if k == self.token_k_min else -math.inf)
         return out
 
-    def check_against(self, identity: ModelIdentity) -> None:
-        """Raise AllocMoeError naming every way this plan's model differs from ``identity``."""
+    def check_against(self, shape: PlanModelShape) -> None:
+        """Raise AllocMoeError naming every way this plan's model differs from ``shape``."""
         names = {
             "architecture": "architecture",
             "n_layer": "layer count",
@@ -334,7 +346,7 @@ class Plan:
             "n_expert": "expert count",
             "k_orig": "top-k",
         }
-        mine, theirs = self.model.to_dict(), identity.to_dict()
+        mine, theirs = self.model.to_dict(), shape.to_dict()
         diffs = [f"{label} (plan {mine[key]}, model {theirs[key]})" for key, label in names.items() if mine[key] != theirs[key]]
         if diffs:
             raise AllocMoeError(
@@ -379,7 +391,7 @@ class Plan:
         if version < 1:
             raise AllocMoeError(f"unknown plan version {version}")
         _fields(d, ("method", "model", "budget", "counts", "token_k_min", "token_k_max"), "plan")
-        model = ModelIdentity.from_dict(d["model"], "plan.model")
+        model = PlanModelShape.from_dict(d["model"], "plan.model")
         _fields(d["budget"], ("fraction", "count"), "plan.budget")
         fraction = d["budget"]["fraction"]
         if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):

@@ -55,10 +55,10 @@ class CachedModel:
     """A causal LM whose MoE blocks can be re-run from cached inputs."""
 
     def __init__(self, model: nn.Module) -> None:
-        from .hf import decoder_layers, input_device, moe_info
+        from .hf import decoder_layers, input_device, moe_shape
 
         self.model = model
-        self.info = moe_info(model)
+        self.info = moe_shape(model)
         self.layers = decoder_layers(model)
         self.norm = _final_norm(model, self.layers)
         self.lm_head = model.get_output_embeddings()
@@ -217,7 +217,7 @@ def run_profile(
     Resumes from a partial ``out`` of the same run. ``on_start(total)`` gets the number of
     layer forwards still to do. Returns the sensitivity document.
     """
-    from .hf import load_model, moe_info
+    from .hf import load_model, moe_shape
     from .fsutil import read_text
     from .torch_eval import token_windows
 
@@ -225,9 +225,9 @@ def run_profile(
     out = Path(out)
     text, described = read_text(calib)
     model, tokenizer = load_model(model_dir, max_memory, offload_folder)
-    info = moe_info(model)
+    info = moe_shape(model)
     windows = token_windows(tokenizer, text, ctx, max_tokens)
-    doc = sensitivity.new_document(info.identity, {**described, "n_tokens": windows.numel(), "ctx": ctx}, mode)
+    doc = sensitivity.new_document(info.plan_shape, {**described, "n_tokens": windows.numel(), "ctx": ctx}, mode)
     previous = _resumable(out, doc) or {}
     done = {entry["layer"]: entry for entry in previous.get("layers", [])}
     before = previous.get("cost", doc["cost"])

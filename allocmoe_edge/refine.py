@@ -54,13 +54,13 @@ def refine_plan(
     plan's quality, the initial plan's prediction and measurement, and the accepted moves.
     ``on_step(counts, value, accepted)`` runs after each evaluation.
     """
-    from .hf import model_identity
+    from .hf import plan_shape
     from .torch_eval import measure
 
     check_metric(metric)
     if steps < 0:
         raise AllocMoeError(f"steps must be >= 0, got {steps}")
-    plan.check_against(model_identity(model))
+    plan.check_against(plan_shape(model))
     k_max = plan.token_k_max or None
     lo, hi = max(1, plan.token_k_min), min(k_max or plan.model.k_orig, plan.model.k_orig)
 

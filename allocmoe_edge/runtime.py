@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .errors import AllocMoeError
-from .gguf_meta import Keys, ModelInfo, find_plan, open_reader, read_info
+from .gguf_meta import Keys, GgufModelInfo, find_plan, open_reader, read_info
 from .plan import TOKEN_MODES, check_fraction
 
 
@@ -74,7 +74,7 @@ class LoadChoice:
     token_k_max: int | None = None  # override Alloc-T's k_max (0 turns Alloc-T off)
     token_mode: str | None = None  # override which Alloc-T rule runs: "batch", "decode" or "both" (gguf_meta)
 
-    def kv_overrides(self, info: ModelInfo) -> dict[str, bool | int | float | str]:
+    def kv_overrides(self, info: GgufModelInfo) -> dict[str, bool | int | float | str]:
         """The scalar kv_overrides that make llama.cpp run this choice."""
         kv: dict[str, bool | int | float | str] = {}
         if self.full_budget or self.uniform_k is not None:
@@ -96,7 +96,7 @@ class LoadChoice:
         return kv
 
 
-def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
+def choice_for_budget(info: GgufModelInfo, budget: float | None) -> LoadChoice:
     """Full budget for 1.0, the stored plan closest to ``budget`` otherwise, the default for None."""
     if budget is None:
         return LoadChoice()
@@ -106,7 +106,7 @@ def choice_for_budget(info: ModelInfo, budget: float | None) -> LoadChoice:
 
 
 def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budget: float | None = None,
-         allow_unpatched: bool = False, verbose: bool = False, info: ModelInfo | None = None, cpu_moe: bool = False,
+         allow_unpatched: bool = False, verbose: bool = False, info: GgufModelInfo | None = None, cpu_moe: bool = False,
          n_cpu_moe: int = 0, rpc_servers: Sequence[str] = (), **llama_kwargs: Any) -> Any:
     """Load ``path`` as a ``llama_cpp.Llama`` running ``choice``; clean errors for bad files.
 
@@ -210,7 +210,7 @@ def _check_reachable(endpoint: str, timeout: float) -> None:
                             f"`ggml-rpc-server --host 0.0.0.0 -p {port}`") from e
 
 
-def cpu_expert_blocks(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[int]:
+def cpu_expert_blocks(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[int]:
     """MoE blocks whose routed experts stay in system memory, as llama.cpp's ``--cpu-moe`` (all of
     them) and ``--n-cpu-moe N`` (those among the first N blocks) place them."""
     if n_cpu_moe < 0:
@@ -222,7 +222,7 @@ def cpu_expert_blocks(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0
 EXPERT_TENSOR_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
-def cpu_moe_overrides(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[tuple[str, str]]:
+def cpu_moe_overrides(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[tuple[str, str]]:
     """The ``tensor_buft_overrides`` (regex, "CPU") that llama.cpp's ``--cpu-moe`` (one pattern for
     every block) and ``--n-cpu-moe N`` (one per MoE block below N) build; empty when neither is set."""
     if cpu_moe:
@@ -230,7 +230,7 @@ def cpu_moe_overrides(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0
     return [(rf"blk\.{b}{EXPERT_TENSOR_REGEX}", "CPU") for b in cpu_expert_blocks(info, n_cpu_moe=n_cpu_moe)]
 
 
-def _cpu_moe_kwargs(info: ModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[str, Any]:
+def _cpu_moe_kwargs(info: GgufModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[str, Any]:
     """``Llama`` kwargs for the flags (none when unused, so stock bindings still load); on a build
     with GPU offload, say on stderr which experts stay in system memory."""
     overrides = cpu_moe_overrides(info, cpu_moe, n_cpu_moe)
@@ -255,7 +255,7 @@ def expert_tensor_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
     return sizes
 
 
-def expert_placement(info: ModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> dict[str, Any]:
+def expert_placement(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> dict[str, Any]:
     """Where ``--cpu-moe`` / ``--n-cpu-moe`` put the routed experts, as JSON for inspect and bench:
     the flags, the MoE blocks whose experts stay in system memory (``cpu_blocks``, out of
     ``moe_blocks``), the bytes of their expert tensors (``cpu_expert_bytes``) and of all blocks'
@@ -287,7 +287,7 @@ def _ranges(values: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _alloc_t_on_gpu(info: ModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:
+def _alloc_t_on_gpu(info: GgufModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:
     """Whether this load would run Alloc-T with layers on a GPU backend."""
     if n_gpu_layers == 0 or kv.get(Keys.ENABLED) is False:
         return False

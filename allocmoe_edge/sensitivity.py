@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AllocMoeError
-from .plan import ModelIdentity, read_json
+from .plan import PlanModelShape, read_json
 from .thresholds import LayerRouting
 
 FORMAT = "allocmoe-sensitivity"
@@ -51,7 +51,7 @@ def check_metric(metric: str) -> None:
         raise AllocMoeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
 
 
-def new_document(model: ModelIdentity, calibration: dict[str, Any], mode: str) -> dict[str, Any]:
+def new_document(model: PlanModelShape, calibration: dict[str, Any], mode: str) -> dict[str, Any]:
     """The header of a profile that has measured nothing yet (``"complete": false``)."""
     return {
         "format": FORMAT,
@@ -71,7 +71,7 @@ def read(path: str | os.PathLike[str]) -> Any:
     return read_json(path, "sensitivity file")
 
 
-def model_shape(sens: Any) -> ModelIdentity:
+def model_shape(sens: Any) -> PlanModelShape:
     """The model a sensitivity document was measured on, after checking its header."""
     if not isinstance(sens, Mapping) or sens.get("format") != FORMAT:
         raise AllocMoeError(f"not an allocmoe sensitivity file (expected \"format\": \"{FORMAT}\")")
@@ -83,10 +83,10 @@ def model_shape(sens: Any) -> ModelIdentity:
         raise AllocMoeError(f"sensitivity file: missing field(s) {', '.join(missing)}")
     if sens["mode"] not in MODES:
         raise AllocMoeError(f"sensitivity mode {sens['mode']!r} is not one of {', '.join(MODES)}")
-    return ModelIdentity.from_dict(sens["model"], "sensitivity.model")
+    return PlanModelShape.from_dict(sens["model"], "sensitivity.model")
 
 
-def layer_entries(sens: Mapping[str, Any], model: ModelIdentity) -> list[Mapping[str, Any]]:
+def layer_entries(sens: Mapping[str, Any], model: PlanModelShape) -> list[Mapping[str, Any]]:
     """The sensitivity entries in moe_layers order; each MoE block exactly once."""
     layers = sens["layers"]
     if not isinstance(layers, list) or not all(isinstance(e, Mapping) and "layer" in e for e in layers):
@@ -100,7 +100,7 @@ def layer_entries(sens: Mapping[str, Any], model: ModelIdentity) -> list[Mapping
     return [by_block[b] for b in model.moe_layers]
 
 
-def metric_table(entries: list[Mapping[str, Any]], model: ModelIdentity, metric: str) -> np.ndarray | None:
+def metric_table(entries: list[Mapping[str, Any]], model: PlanModelShape, metric: str) -> np.ndarray | None:
     """S[l, k-1] for ``metric``, or None when some layer lacks it."""
     if not all(metric in e for e in entries):
         return None

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import AllocMoeError
 from .fsutil import atomic_output
-from .gguf_meta import Keys, ModelInfo, open_reader
+from .gguf_meta import Keys, GgufModelInfo, open_reader
 
 NAME_PREFIX = "synthetic"
 QUANT_TYPES = ("q4_0", "q8_0")
@@ -296,7 +296,7 @@ def synthesize(shape_name: str, qtype: str, output: str | os.PathLike[str], n_la
     return out
 
 
-def is_synthetic(info: ModelInfo) -> bool:
+def is_synthetic(info: GgufModelInfo) -> bool:
     """True for a file made by `synthesize` (random weights: no quality numbers on it).
 
     Checks ``allocmoe.synthetic`` and, because stamping a copy may drop allocmoe.* keys,

@@ -145,7 +145,7 @@ def evaluate_torch(
     ``plans`` maps a name to ``(counts per MoE layer, alloc_t)``; Alloc-T plans use
     ``k_min`` / ``k_max`` (default: the model's top-k).
     """
-    from .hf import load_model, model_identity
+    from .hf import load_model, plan_shape
 
     text, described = read_text(text_file)
     model, tokenizer = load_model(model_dir, max_memory, offload_folder)
@@ -153,7 +153,7 @@ def evaluate_torch(
     result = measure(model, windows, plans, k_min, k_max, on_window=on_window)
     return {
         "backend": "torch",
-        "model": model_identity(model).to_dict(),
+        "model": plan_shape(model).to_dict(),
         "text": {**described, "n_tokens": windows.numel(), "ctx": ctx},
         **result,
     }

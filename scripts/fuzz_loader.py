@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import gguf
 
 from allocmoe_edge.gguf_meta import (
-    FORMAT_VERSION_THRESHOLDS, Keys, ModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info,
+    FORMAT_VERSION_THRESHOLDS, Keys, GgufModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info,
 )
 
 T = gguf.GGUFValueType
@@ -80,7 +80,7 @@ def write_base(path: Path, seed: int = 0) -> Path:
     return synth.synthesize("fuzz-tiny", "q8_0", path, seed=seed)
 
 
-def base_plans(info: ModelInfo) -> tuple[list[list[int]], int]:
+def base_plans(info: GgufModelInfo) -> tuple[list[list[int]], int]:
     """Two valid plans (per block counts) and the Alloc-T k_max that the base stamp uses."""
     L, E = info.block_count, info.expert_count
     c0 = [min(E, 1 + i % 3) for i in range(L)]
@@ -88,7 +88,7 @@ def base_plans(info: ModelInfo) -> tuple[list[list[int]], int]:
     return [c0, c1], min(E, max(c0 + c1) + 1)
 
 
-def base_fields(info: ModelInfo) -> dict[str, Field]:
+def base_fields(info: GgufModelInfo) -> dict[str, Field]:
     """The valid stamp every case starts from: plans c0 (default) and c1, k_min 1, Alloc-T on."""
     plans, k_max = base_plans(info)
     stored = [StoredPlan(tuple(c), budget=0.5, budget_count=sum(c), method="fuzz", name=f"p{i}")
@@ -107,7 +107,7 @@ _WRONG_ARR = {"str": ("1", T.STRING), "f32": (1.0, T.FLOAT32), "f64": (1.0, T.FL
               "i32": (1, T.INT32), "u32": (1, T.UINT32)}
 
 
-def catalogue(info: ModelInfo) -> list[Case]:
+def catalogue(info: GgufModelInfo) -> list[Case]:
     """The systematic cases, in a fixed order."""
     L, E, K = info.block_count, info.expert_count, info.expert_used_count
     base = base_fields(info)
@@ -185,7 +185,7 @@ def catalogue(info: ModelInfo) -> list[Case]:
     return out
 
 
-def random_cases(info: ModelInfo, n: int, rng: random.Random) -> Iterator[Case]:
+def random_cases(info: GgufModelInfo, n: int, rng: random.Random) -> Iterator[Case]:
     """``n`` seeded combinations: random count arrays and Alloc-T bounds, plus 2-3 catalogue cases."""
     L, E = info.block_count, info.expert_count
     pool = [c for c in catalogue(info) if c.duplicate is None]
@@ -212,7 +212,7 @@ def random_cases(info: ModelInfo, n: int, rng: random.Random) -> Iterator[Case]:
             yield case
 
 
-def make_cases(info: ModelInfo, n: int, seed: int) -> list[Case]:
+def make_cases(info: GgufModelInfo, n: int, seed: int) -> list[Case]:
     """``n`` cases: the whole catalogue then seeded random ones (a seeded sample if n is smaller)."""
     rng = random.Random(seed)
     cat = catalogue(info)
@@ -225,7 +225,7 @@ class _Fail(Exception):
     pass
 
 
-def expected(case: Case, info: ModelInfo, base: dict[str, Field]) -> list[int] | None:
+def expected(case: Case, info: GgufModelInfo, base: dict[str, Field]) -> list[int] | None:
     """The counts the patched loader must run for ``case``, or None when it must refuse the file."""
     if case.duplicate:
         return None  # gguf rejects a file with a duplicated key

@@ -24,10 +24,10 @@ REL_TOL = 2e-3  # float32 on another CPU or thread count moves the last digits o
 
 @pytest.mark.parametrize("name", sorted(assets.MODELS))
 def test_bundled_model_is_what_its_card_says(name):
-    from allocmoe_edge.hf import load_model, moe_info
+    from allocmoe_edge.hf import load_model, moe_shape
 
     model, tokenizer = load_model(assets.model_dir(name))
-    info = moe_info(model)
+    info = moe_shape(model)
     assert (model.config.model_type, len(info.layers), info.n_expert, info.k_orig) == SHAPES[name]
     assert (assets.model_dir(name) / "model.safetensors").stat().st_size < 36 << 20
     assert tokenizer.bos_token_id is not None

@@ -266,13 +266,13 @@ def test_eval_cli_json_and_errors(patched_runtime, eval_model, tmp_path):
 def test_evaluate_torch_plans_rows(tmp_path):
     pytest.importorskip("torch")
     from allocmoe_edge.evaluate import evaluate_torch_plans
-    from allocmoe_edge.hf import model_identity
+    from allocmoe_edge.hf import plan_shape
     from allocmoe_edge.plan import Budget, Plan
 
     from .tiny_models import make_tiny_model, save_tiny_model
 
     model_dir = save_tiny_model("mixtral", tmp_path / "hf", seed=0)
-    ident = model_identity(make_tiny_model("mixtral", seed=0))
+    ident = plan_shape(make_tiny_model("mixtral", seed=0))
     counts = [1] + [ident.k_orig] * (len(ident.moe_layers) - 1)
     plan = Plan(model=ident, budget=Budget.parse(sum(counts), ident), method="alloc-l", counts=tuple(counts))
     plan.save(tmp_path / "plan.json")

@@ -11,7 +11,7 @@ from allocmoe_edge.gguf_meta import (
     AllocmoeMeta, Keys, StoredPlan, copy_with_metadata, expand_counts, find_plan, plan_for_counts, read_info, stamp,
     stored_plan_from_file,
 )
-from allocmoe_edge.plan import Budget, ModelIdentity, Plan
+from allocmoe_edge.plan import Budget, PlanModelShape, Plan
 
 from .ggufs import write_fake_moe
 
@@ -95,12 +95,12 @@ def test_corrupted_and_truncated_files(tmp_path):
 def test_plan_file_checked_against_gguf(tmp_path):
     src = write_fake_moe(tmp_path / "m.gguf", dense_first=True)
     info = read_info(src)
-    ident = ModelIdentity("Qwen2MoeForCausalLM", 4, (1, 2, 3), 8, 2)
+    ident = PlanModelShape("Qwen2MoeForCausalLM", 4, (1, 2, 3), 8, 2)
     plan = Plan(model=ident, budget=Budget.parse("0.5", ident), method="alloc-l", counts=(1, 1, 1), token_k_max=0)
     plan.save(tmp_path / "p.json")
     sp = stored_plan_from_file(info, tmp_path / "p.json")
     assert sp.counts == (2, 1, 1, 1) and sp.budget_count == 3
-    other = ModelIdentity("Qwen2MoeForCausalLM", 4, (1, 2, 3), 16, 2)
+    other = PlanModelShape("Qwen2MoeForCausalLM", 4, (1, 2, 3), 16, 2)
     Plan(model=other, budget=Budget.parse("0.5", other), method="alloc-l", counts=(1, 1, 1), token_k_max=0).save(tmp_path / "q.json")
     with pytest.raises(AllocMoeError, match="expert count"):
         stored_plan_from_file(info, tmp_path / "q.json")

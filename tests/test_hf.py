@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, model_identity, moe_info, parse_max_memory, token_alloc
+from allocmoe_edge.hf import layer_topk, plan_shape, moe_shape, parse_max_memory, token_alloc
 from allocmoe_edge.token_alloc import select
 from .tiny_models import ARCHS, make_tiny_model
 
@@ -44,8 +44,8 @@ def logits(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_identity_and_routing(arch):
     n_layer, moe_layers, n_expert, k_orig, score, renorm, scaling, groups, shared = EXPECTED[arch]
-    info = moe_info(model(arch))
-    assert model_identity(model(arch)).to_dict() == {
+    info = moe_shape(model(arch))
+    assert plan_shape(model(arch)).to_dict() == {
         "architecture": VARIANTS[arch][0], "n_layer": n_layer, "moe_layers": list(moe_layers), "n_expert": n_expert, "k_orig": k_orig,
     }
     r = info.routing
@@ -56,7 +56,7 @@ def test_identity_and_routing(arch):
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_full_counts_give_identical_logits(arch):
     m, x = model(arch), ids(2, 10)
-    info = moe_info(m)
+    info = moe_shape(m)
     full = [info.k_orig] * len(info.layers)
     ref = logits(m, x)
     for mode in (layer_topk, token_alloc):
@@ -68,7 +68,7 @@ def test_full_counts_give_identical_logits(arch):
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_single_token_alloc_t_is_topk_and_counts_spent(arch):
     m = model(arch)
-    info = moe_info(m)
+    info = moe_shape(m)
     counts = [max(1, info.k_orig - 1), 1, info.k_orig][: len(info.layers)]
     x = ids(2, 9, seed=1)
     with layer_topk(m, counts):
@@ -83,8 +83,8 @@ def test_single_token_alloc_t_is_topk_and_counts_spent(arch):
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_k_max_equal_counts_is_layer_topk(arch):
     m = model(arch)
-    k = max(1, moe_info(m).k_orig - 1)
-    n = len(moe_info(m).layers)
+    k = max(1, moe_shape(m).k_orig - 1)
+    n = len(moe_shape(m).layers)
     x = ids(2, 9, seed=2)
     with layer_topk(m, [k] * n):
         topk = logits(m, x)
@@ -101,7 +101,7 @@ def _selection_scores(arch: str, router: torch.nn.Module, router_logits: torch.T
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_alloc_t_router_matches_reference(arch):
     m = model(arch)
-    info = moe_info(m)
+    info = moe_shape(m)
     layer = info.layers[-1]
     n, k, k_min, k_max = len(info.layers), 2, 1, info.k_orig
     hidden = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
@@ -133,12 +133,12 @@ def test_alloc_t_router_matches_reference(arch):
 
 def test_topk_restored_after_error():
     m = model("olmoe")
-    before = [layer.router.top_k for layer in moe_info(m).layers]
+    before = [layer.router.top_k for layer in moe_shape(m).layers]
     with pytest.raises(RuntimeError):
         with token_alloc(m, [1, 1, 1]):
             raise RuntimeError("boom")
-    assert [layer.router.top_k for layer in moe_info(m).layers] == before
-    assert all(not layer.router._forward_hooks for layer in moe_info(m).layers)
+    assert [layer.router.top_k for layer in moe_shape(m).layers] == before
+    assert all(not layer.router._forward_hooks for layer in moe_shape(m).layers)
 
 
 def test_bad_counts_raise():
@@ -166,7 +166,7 @@ def test_dense_model_raises():
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(AllocMoeError, match="no mixture-of-experts"):
-        moe_info(AutoModelForCausalLM.from_config(config))
+        moe_shape(AutoModelForCausalLM.from_config(config))
 
 
 def test_parse_max_memory():
@@ -181,7 +181,7 @@ def test_parse_max_memory():
 @pytest.mark.parametrize("arch,dtype", [("mixtral", torch.float32), ("deepseek_v3", torch.bfloat16)])
 def test_cuda_routing(arch, dtype):
     m = make_tiny_model(arch, seed=0).to("cuda", dtype)
-    info = moe_info(m)
+    info = moe_shape(m)
     n, k = len(info.layers), info.k_orig
     x = ids(2, 9).cuda()
     ref = logits(m, x)

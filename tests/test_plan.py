@@ -9,10 +9,10 @@ import math
 import pytest
 
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.plan import Budget, ModelIdentity, Plan
+from allocmoe_edge.plan import Budget, PlanModelShape, Plan
 
 # DeepSeek-V2-Lite's shape: block 0 dense, 26 MoE blocks, 64 experts, top-6
-DSV2 = ModelIdentity("deepseek2", 27, tuple(range(1, 27)), 64, 6)
+DSV2 = PlanModelShape("deepseek2", 27, tuple(range(1, 27)), 64, 6)
 
 
 def make_plan(**changes) -> Plan:
@@ -23,7 +23,7 @@ def make_plan(**changes) -> Plan:
 
 def test_identity_full_budget():
     assert DSV2.full_budget == 156
-    assert ModelIdentity("x", 4, [1, 3], 8, 2).moe_layers == (1, 3)
+    assert PlanModelShape("x", 4, [1, 3], 8, 2).moe_layers == (1, 3)
 
 
 @pytest.mark.parametrize(
@@ -137,8 +137,8 @@ def test_decode_thresholds_validated_round_tripped_and_per_block(tmp_path):
         ({"token_k_min": 4, "token_k_max": 3, "counts": (3,) * 26}, "token_k_max 3"),
         ({"method": "magic"}, "method 'magic'"),
         ({"budget": Budget(0.5, 200)}, "outside \\[1, full budget 156\\]"),
-        ({"model": ModelIdentity("x", 4, (1, 5), 8, 2), "counts": (1, 1)}, "moe_layers"),
-        ({"model": ModelIdentity("x", 4, (1, 2), 8, 9), "counts": (1, 1)}, "k_orig 9"),
+        ({"model": PlanModelShape("x", 4, (1, 5), 8, 2), "counts": (1, 1)}, "moe_layers"),
+        ({"model": PlanModelShape("x", 4, (1, 2), 8, 9), "counts": (1, 1)}, "k_orig 9"),
     ],
 )
 def test_plan_validation_errors(changes, message):
@@ -147,7 +147,7 @@ def test_plan_validation_errors(changes, message):
 
 
 def test_plan_alloc_t_off_allows_counts_up_to_n_expert():
-    model = ModelIdentity("x", 2, (0, 1), 8, 2)
+    model = PlanModelShape("x", 2, (0, 1), 8, 2)
     plan = Plan(model, Budget(1.0, 4), "custom", (3, 1), token_k_max=0)
     assert plan.layer_expert_counts() == [3, 1]
     with pytest.raises(AllocMoeError, match="0:3"):
@@ -157,7 +157,7 @@ def test_plan_alloc_t_off_allows_counts_up_to_n_expert():
 def test_check_against():
     plan = make_plan()
     plan.check_against(DSV2)
-    other = ModelIdentity("qwen2moe", 24, tuple(range(24)), 60, 4)
+    other = PlanModelShape("qwen2moe", 24, tuple(range(24)), 60, 4)
     with pytest.raises(AllocMoeError) as e:
         plan.check_against(other)
     text = str(e.value)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, load_model, model_identity, moe_info, token_alloc
+from allocmoe_edge.hf import layer_topk, load_model, plan_shape, moe_shape, token_alloc
 from allocmoe_edge.plan import Budget, Plan
 from allocmoe_edge.profile import planned_forwards, profile_layers, run_profile
 from allocmoe_edge.refine import refine_plan
@@ -42,7 +42,7 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
 
 def _check_cached_path(m: torch.nn.Module, w: torch.Tensor, mode: str) -> None:
     """profile_layers (cached block inputs) gives the numbers of full forwards with the same counts."""
-    info = moe_info(m)
+    info = moe_shape(m)
     full, layers, cost, routing = profile_layers(m, w, mode)
     blocks = [layer.index for layer in info.layers]
     assert [e["layer"] for e in layers] == blocks
@@ -147,7 +147,7 @@ def test_evaluate_torch(saved):
     result = evaluate_torch(model_dir, calib, plans, ctx=32, max_tokens=96)
     json.dumps(result)
     assert result["backend"] == "torch" and result["text"]["n_tokens"] == 96
-    assert result["model"] == model_identity(model("deepseek_v3")).to_dict()
+    assert result["model"] == plan_shape(model("deepseek_v3")).to_dict()
     full = result["plans"]["full"]
     assert full["kld"] == 0.0 and full["top1"] == 1.0 and full["ppl"] == pytest.approx(result["full"]["ppl"])
     for name, (counts, _) in plans.items():
@@ -158,7 +158,7 @@ def test_evaluate_torch(saved):
 
 
 def _plan(counts, alloc_t=False) -> Plan:
-    ident = model_identity(model("deepseek_v3"))
+    ident = plan_shape(model("deepseek_v3"))
     budget = Budget.parse(sum(counts), ident)
     return Plan(model=ident, budget=budget, method="alloc-l", counts=tuple(counts), token_k_max=None if alloc_t else 0,
                 predicted={"kld": 0.01, "ppl": 330.0})

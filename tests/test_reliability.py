@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
-from allocmoe_edge.plan import Budget, ModelIdentity, Plan
+from allocmoe_edge.plan import Budget, PlanModelShape, Plan
 from allocmoe_edge.runtime import LoadChoice
 
 from .ggufs import write_fake_moe
@@ -114,7 +114,7 @@ def test_debug_shows_the_traceback(bad_files):
 
 
 def test_stamp_plan_for_another_model(bad_files, tmp_path):
-    other = ModelIdentity("Qwen2MoeForCausalLM", 4, (0, 1, 2, 3), 16, 2)  # 16 experts; the file has 8
+    other = PlanModelShape("Qwen2MoeForCausalLM", 4, (0, 1, 2, 3), 16, 2)  # 16 experts; the file has 8
     Plan(model=other, budget=Budget.parse("0.5", other), method="alloc-l", counts=(1, 1, 1, 1),
          token_k_max=0).save(tmp_path / "other.json")
     proc = cli("stamp", bad_files["moe"], "--plan", tmp_path / "other.json", "-o", tmp_path / "o.gguf")
