@@ -346,11 +346,11 @@ class _Run:
 
     def report(self, eval_result: dict[str, Any], bench_result: dict[str, Any], speed_note: str,
                started: float) -> DemoResult:
-        from .bench import plot_frontier, speed_table
+        from .presentation import demo_quality_table, plot_frontier, speed_table
 
         with self.step("report", "report.md (quality and speed tables), frontier.png"):
             rows = quality_rows(self.gguf, eval_result, self.budgets)
-            table = f"{markdown(rows)}\n\n{speed_table(bench_result)}"
+            table = f"{demo_quality_table(rows)}\n\n{speed_table(bench_result)}"
             try:
                 plot_frontier(eval_result, bench_result, self.out / "frontier.png", "tg",
                               decode_limits={r["config"]: r["decode_limit"] for r in rows})
@@ -367,7 +367,7 @@ class _Run:
 
     def _report_md(self, rows: list[dict[str, Any]], eval_result: dict[str, Any], bench_result: dict[str, Any],
                    speed_note: str) -> str:
-        from .bench import speed_table
+        from .presentation import alloc_t_cost, demo_quality_table, speed_table
 
         s, run = self.settings, self.manifest.doc["last_run"]
         steps = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} |"
@@ -382,7 +382,7 @@ stored together in {self.gguf.name}.
 
 ## Quality
 
-{markdown(rows)}
+{demo_quality_table(rows)}
 
 {eval_result['chunks']} chunks of {eval_result['ctx']} tokens of {self.heldout.name} \
 ({eval_result['chunks'] * eval_result['scored_per_chunk']} scored tokens, llama-perplexity's protocol), \
@@ -434,39 +434,6 @@ def quality_rows(gguf: Path, eval_result: dict[str, Any], budgets: tuple[float, 
             "decode_limit": decode_limits(traffic, full, tuple(e["counts"]), ())["decode_limit"],
         })
     return rows
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The quality table."""
-    head = ["config", "budget", "act/token", "PPL", "KLD mean", "KLD p99", "top-1 %", "decode limit"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---:" + "|---:" * (len(head) - 2) + "|"]
-    for r in rows:
-        cells = [r["config"], f"{100 * r['budget']:g}% ({r['budget_count']})", f"{r['activations_per_token']:g}",
-                 f"{r['ppl']:.3f}", f"{r['kld_mean']:.5f}", f"{r['kld_p99']:.4f}", f"{100 * r['top1']:.2f}",
-                 f"{r['decode_limit']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def alloc_t_cost(bench_result: dict[str, Any]) -> str:
-    """A sentence per pp test on what Alloc-T costs: each Alloc-T row's speed over the same plan without
-    it, ratio ± sd, "(tie)" within the noise; empty when no row pairs up."""
-    from .benchstats import speedup
-
-    rows = [r for r in bench_result["rows"] if r["tests"]]
-    parts = []
-    for row in (r for r in rows if r["alloc_t"]):
-        base = next((r for r in rows if not r["alloc_t"] and r["method"] == row["method"].removesuffix("+t")
-                     and r["counts"] == row["counts"]), None)
-        if base is None:
-            continue
-        for name in (t for t in row["tests"] if t.startswith("pp")):
-            ratio = speedup(row["tests"][name], base["tests"][name])
-            sd = "" if ratio["sd"] is None else f" ± {ratio['sd']:.2f}"
-            parts.append(f"{100 * row['budget']:g}%: {ratio['ratio']:.2f}x{sd}{' (tie)' if ratio['tie'] else ''}")
-    if not parts:
-        return ""
-    return f"\nAlloc-T's prefill against the same plan without it (per-layer top-k): {', '.join(parts)}.\n"
 
 
 def require_patched_runtime() -> None:

@@ -13,7 +13,7 @@ p < e^-16), and one chunk of text is enough (llama.cpp asks for two).
 
 Every configuration is compared with the full-budget log-probs of the same positions, which
 are computed once and kept in a temporary file. In the JSON, ``top1`` and ``rms_dp`` are
-fractions (as in ``torch_eval``); the markdown table shows them in %.
+fractions (as in ``torch_eval``); the markdown table (`presentation.eval_table`) shows them in %.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
             finally:
                 llm.close()
             scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            results.append(_row(config, sum(counts), counts, info.full_budget, summarize(scores)))
+            results.append(result_row(config, sum(counts), counts, info.full_budget, summarize(scores)))
     meta = info.meta
     return {
         "backend": "llama",
@@ -295,91 +295,8 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     }
 
 
-def _row(config: EvalConfig, activations: float, counts: list[int], full_budget: int,
+def result_row(config: EvalConfig, activations: float, counts: list[int], full_budget: int,
          quality: dict[str, Any]) -> dict[str, Any]:
     """One JSON result row: the configuration, its measured activations and its quality."""
     return {"name": config.name, "method": config.method, "budget": activations / full_budget,
             "alloc_t": config.alloc_t, "activations_per_token": activations, **quality, "counts": counts}
-
-
-# ---------------------------------------------------------------- torch backend
-
-def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.PathLike[str],
-                         plan_files: Sequence[str | os.PathLike[str]], ctx: int = 256, chunks: int | None = None,
-                         budgets: Sequence[float] | None = None, decode: bool = False,
-                         on_window: Callable[[], None] | None = None) -> dict[str, Any]:
-    """The same configurations for a Hugging Face model through ``torch_eval.evaluate_torch``.
-
-    The plans come from plan JSON files (they give the model's shape); the result has
-    evaluate_llama's layout, without standard errors and Δp, which torch_eval does not compute.
-    With ``decode`` the Alloc-T rows run the plans' decode rule (its thresholds), which routes
-    every token by itself: a whole window in one pass equals decoding it one token at a time.
-    """
-    import torch
-
-    from .plan import Plan
-    from .torch_eval import evaluate_torch
-
-    if not plan_files:
-        raise AllocMoeError("the torch backend evaluates plan files: give at least one --plan")
-    plans = [Plan.load(p) for p in plan_files]
-    model, bounds = plans[0].model, (plans[0].token_k_min, plans[0].token_k_max)
-    for path, p in zip(plan_files, plans):
-        if p.model != model or (p.token_k_min, p.token_k_max) != bounds:
-            raise AllocMoeError(f"{path} is for another model shape or other Alloc-T bounds than {plan_files[0]}; "
-                                "evaluate it in a separate run")
-    configs = configurations([(p.method, p.budget.fraction) for p in plans], model.k_orig, bool(bounds[1]), budgets)
-    n_moe = len(model.moe_layers)
-    counts = {c.name: list(plans[c.plan].counts) if c.plan is not None else [c.k or model.k_orig] * n_moe
-              for c in configs}
-    specs = {c.name: (counts[c.name], c.alloc_t, _decode_thresholds(plans[c.plan]) if decode and c.alloc_t else None)
-             for c in configs[1:]}
-    raw = evaluate_torch(model_dir, text_file, specs,
-                         ctx=ctx, max_tokens=chunks * ctx if chunks else None, k_min=bounds[0],
-                         k_max=bounds[1] or None, on_window=on_window)
-    results = []
-    for c in configs:
-        r = raw["plans"].get(c.name, {**raw["full"], "activations_per_token": model.full_budget})
-        quality = {"ppl": r["ppl"], "ppl_se": None, "kld_mean": r.get("kld", 0.0), "kld_se": None,
-                   "kld_p99": r.get("kld_p99", 0.0), "top1": r.get("top1", 1.0), "rms_dp": None, "nll": r["nll"]}
-        results.append(_row(c, r["activations_per_token"], counts[c.name], model.full_budget, quality))
-    return {
-        "backend": "torch", "model": raw["model"],
-        "text": {"path": raw["text"]["path"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
-        "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx), "decode": decode,
-        "results": results, "runtime": {"torch": torch.__version__}, "tool": f"allocmoe-edge {__version__}",
-    }
-
-
-def _decode_thresholds(plan: Any) -> list[float]:
-    """A plan's decode-rule thresholds per MoE layer, inf / -inf where it keeps k_min / k_max experts."""
-    if plan.token_thresholds is None:
-        raise AllocMoeError(f"the {plan.method} plan at budget {plan.budget.fraction:g} has no decode thresholds; "
-                            "make it with `allocmoe allocate --alloc-t both` from a current profile")
-    blocks = plan.block_thresholds()
-    return [blocks[b] for b in plan.model.moe_layers]
-
-
-# ---------------------------------------------------------------- report
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """The quality table of an evaluation result; ΔPPL is relative to the first (full-budget) row."""
-    rows = result["results"]
-    base = rows[0]["ppl"]
-
-    def pm(value: float | None, se: float | None, digits: int) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.3f}"
-
-    lines = ["| config | budget | act/token | PPL | ΔPPL % | KLD | KLD p99 | top-1 % | RMS Δp % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['budget']:.3f} | {r['activations_per_token']:g} | {pm(r['ppl'], r.get('ppl_se'), 4)} "
-            f"| {100 * (r['ppl'] / base - 1):+.2f} | {pm(r.get('kld_mean'), r.get('kld_se'), 6)} "
-            f"| {pm(r.get('kld_p99'), None, 6)} | {pct(r.get('top1'))} | {pct(r.get('rms_dp'))} |")
-    return "\n".join(lines)

@@ -3,7 +3,8 @@
 Text is cut into windows of ``ctx`` tokens the way llama-perplexity does (the first token of
 each window is BOS when the tokenizer has one) and, as there, only the second half of each
 window is scored (``score_all`` scores every position, as ``profile`` does). Every plan is
-compared with the full-budget model on the same windows.
+compared with the full-budget model on the same windows. `evaluate_torch_plans` runs plan files
+as `allocmoe eval --backend torch`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
+from .plan import Plan
 
 class PlanSpec(NamedTuple):
     """How a plan routes: counts per MoE layer, Alloc-T on (the batch rule over each window), and
@@ -157,3 +160,56 @@ def evaluate_torch(
         "text": {**described, "n_tokens": windows.numel(), "ctx": ctx},
         **result,
     }
+
+
+def evaluate_torch_plans(model_dir: str | os.PathLike[str], text_file: str | os.PathLike[str],
+                         plan_files: Sequence[str | os.PathLike[str]], ctx: int = 256, chunks: int | None = None,
+                         budgets: Sequence[float] | None = None, decode: bool = False,
+                         on_window: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`evaluate.evaluate_llama`'s configurations for a Hugging Face model, through `evaluate_torch`.
+
+    The plans come from plan JSON files (they give the model's shape); the result has
+    evaluate_llama's layout, without standard errors and Δp, which torch_eval does not compute.
+    With ``decode`` the Alloc-T rows run the plans' decode rule (its thresholds), which routes
+    every token by itself: a whole window in one pass equals decoding it one token at a time.
+    """
+    from .evaluate import configurations, result_row, scored_count
+
+    if not plan_files:
+        raise AllocMoeError("the torch backend evaluates plan files: give at least one --plan")
+    plans = [Plan.load(p) for p in plan_files]
+    model, bounds = plans[0].model, (plans[0].token_k_min, plans[0].token_k_max)
+    for path, p in zip(plan_files, plans):
+        if p.model != model or (p.token_k_min, p.token_k_max) != bounds:
+            raise AllocMoeError(f"{path} is for another model shape or other Alloc-T bounds than {plan_files[0]}; "
+                                "evaluate it in a separate run")
+    configs = configurations([(p.method, p.budget.fraction) for p in plans], model.k_orig, bool(bounds[1]), budgets)
+    n_moe = len(model.moe_layers)
+    counts = {c.name: list(plans[c.plan].counts) if c.plan is not None else [c.k or model.k_orig] * n_moe
+              for c in configs}
+    specs = {c.name: (counts[c.name], c.alloc_t, _decode_thresholds(plans[c.plan]) if decode and c.alloc_t else None)
+             for c in configs[1:]}
+    raw = evaluate_torch(model_dir, text_file, specs,
+                         ctx=ctx, max_tokens=chunks * ctx if chunks else None, k_min=bounds[0],
+                         k_max=bounds[1] or None, on_window=on_window)
+    results = []
+    for c in configs:
+        r = raw["plans"].get(c.name, {**raw["full"], "activations_per_token": model.full_budget})
+        quality = {"ppl": r["ppl"], "ppl_se": None, "kld_mean": r.get("kld", 0.0), "kld_se": None,
+                   "kld_p99": r.get("kld_p99", 0.0), "top1": r.get("top1", 1.0), "rms_dp": None, "nll": r["nll"]}
+        results.append(result_row(c, r["activations_per_token"], counts[c.name], model.full_budget, quality))
+    return {
+        "backend": "torch", "model": raw["model"],
+        "text": {"path": raw["text"]["path"], "sha256": raw["text"]["sha256"], "n_tokens": raw["text"]["n_tokens"]},
+        "ctx": ctx, "chunks": raw["text"]["n_tokens"] // ctx, "scored_per_chunk": scored_count(ctx), "decode": decode,
+        "results": results, "runtime": {"torch": torch.__version__}, "tool": f"allocmoe-edge {__version__}",
+    }
+
+
+def _decode_thresholds(plan: Plan) -> list[float]:
+    """A plan's decode-rule thresholds per MoE layer, inf / -inf where it keeps k_min / k_max experts."""
+    if plan.token_thresholds is None:
+        raise AllocMoeError(f"the {plan.method} plan at budget {plan.budget.fraction:g} has no decode thresholds; "
+                            "make it with `allocmoe allocate --alloc-t both` from a current profile")
+    blocks = plan.block_thresholds()
+    return [blocks[b] for b in plan.model.moe_layers]

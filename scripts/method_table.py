@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from allocmoe_edge.presentation import table
+
 # column -> (eval row method, whether the row runs Alloc-T)
 COLUMNS = {"uniform": ("uniform", False), "Alloc-T": ("uniform+t", True), "Alloc-L": ("alloc-l", False),
            "Alloc-L+T": ("alloc-l+t", True), "refine (+T)": ("refined+t", True)}
@@ -30,14 +32,14 @@ def method_table(result: dict[str, Any]) -> str:
     rows = plan_rows(result)
     budgets = sorted({b for (_, b) in rows}, reverse=True)
     full_budget = result["results"][0]["activations_per_token"]
-    lines = ["| budget | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines = []
     for b in budgets:
         cells = [rows.get(("full", 1.0) if b == 1.0 else (method, b)) for method, _ in COLUMNS.values()]
         best = min(c["kld_mean"] for c in cells if c)
         text = [("-" if c is None else (f"**{c['kld_mean']:.4f}**" if c["kld_mean"] == best and b < 1
                                          else f"{c['kld_mean']:.4f}") + f" / {c['ppl']:.2f}") for c in cells]
-        lines.append(f"| {100 * b:g} % ({round(b * full_budget)}) | " + " | ".join(text) + " |")
-    return "\n".join(lines)
+        lines.append([f"{100 * b:g} % ({round(b * full_budget)})", *text])
+    return table(["budget", *COLUMNS], lines, numbers_from=1)
 
 
 def verdict(result: dict[str, Any]) -> str:
@@ -56,17 +58,18 @@ def verdict(result: dict[str, Any]) -> str:
 def additivity_table(folder: Path) -> str:
     """Per budget: the Alloc-L plan, its predicted and measured calibration KLD (Alloc-T off), the
     Alloc-L+T plan measured on the same text, and what refine kept."""
-    lines = ["| budget | Alloc-L counts | predicted KLD | measured KLD | measured / predicted | "
-             "Alloc-L+T measured | refine kept / tried |", "|---|---|---:|---:|---:|---:|---:|"]
+    head = ["budget", "Alloc-L counts", "predicted KLD", "measured KLD", "measured / predicted", "Alloc-L+T measured",
+            "refine kept / tried"]
+    lines = []
     for path in sorted(folder.glob("additivity-*.json"), key=lambda p: -float(p.stem.split("-")[1])):
         plan = json.loads(path.read_text())
         refined = json.loads((folder / path.name.replace("additivity", "refined")).read_text())["measured"]
         predicted, measured = plan["predicted"]["kld"], plan["measured"]["kld"]
-        lines.append(f"| {100 * plan['budget']['fraction']:g} % ({plan['budget']['count']}) | {plan['counts']} | "
-                     f"{predicted:.4f} | {measured:.4f} | {measured / predicted:.2f} | "
-                     f"{refined['initial']['measured']['kld']:.4f} | "
-                     f"{len(refined['moves'])} / {refined['evaluations'] - 1} |")
-    return "\n".join(lines)
+        lines.append([f"{100 * plan['budget']['fraction']:g} % ({plan['budget']['count']})", str(plan["counts"]),
+                      f"{predicted:.4f}", f"{measured:.4f}", f"{measured / predicted:.2f}",
+                      f"{refined['initial']['measured']['kld']:.4f}",
+                      f"{len(refined['moves'])} / {refined['evaluations'] - 1}"])
+    return table(head, lines, numbers_from=2)
 
 
 def main() -> None:

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from allocmoe_edge.bench import (BenchOptions, WeightTraffic, add_speedups, configurations, decode_limits, markdown,
-                                 measurements, placement, plot_frontier, stamp_uniform_split)
+from allocmoe_edge.bench import (BenchOptions, WeightTraffic, add_speedups, configurations, decode_limits,
+                                 measurements, placement, stamp_uniform_split)
 from allocmoe_edge.bench_worker import Worker, interleave
 from allocmoe_edge.benchstats import BASELINE, format_speedup, percentiles, speedup, summary
 from allocmoe_edge.cli import cli, main
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import read_info
+from allocmoe_edge.presentation import bench_tables, plot_frontier
 from allocmoe_edge.synth import is_synthetic, synthesize
 
 from .ggufs import write_fake_moe
@@ -180,7 +181,7 @@ def test_speedups_and_table_mark_ties_and_failures():
     assert rows[1]["tests"]["pp16"]["speedup"]["tie"] is True and rows[1]["tests"]["tg4"]["speedup"]["tie"] is False
     result = {"model": "/x/m.gguf", "tests": opts.test_names(), "options": {"latency": False},
               "placement": {"limit": "decode_limit"}, "rows": rows}
-    lines = markdown(result).splitlines()
+    lines = bench_tables(result).splitlines()
     assert lines[0] == ("| model | budget | method | alloc-t | act/token decoded | pp16 t/s | tg4 t/s | speedup pp16 "
                         "| speedup tg4 | decode limit |")
     # 16 / 0.5 and 16 / 0.52 tokens/s; 4 / 0.044 and 4 / 0.048

@@ -15,10 +15,11 @@ import pytest
 
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.evaluate import (
-    chunk_tokens, evaluate_llama, gguf_configurations, log_probs, markdown_table, mean_se, percentile, perplexity,
+    chunk_tokens, evaluate_llama, gguf_configurations, log_probs, mean_se, percentile, perplexity,
     score_positions, scored, summarize, uniform_k,
 )
 from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.presentation import eval_table
 from allocmoe_edge.runtime import LoadChoice
 
 from .ggufs import write_fake_moe
@@ -122,10 +123,10 @@ def test_synthetic_file_refused(tmp_path):
         evaluate_llama(path, text)
 
 
-def test_markdown_table_delta_ppl():
+def test_eval_table_delta_ppl():
     row = {"name": "full", "budget": 1.0, "activations_per_token": 6, "ppl": 10.0, "ppl_se": 0.1,
            "kld_mean": 0.0, "kld_se": 0.0, "kld_p99": 0.0, "top1": 1.0, "rms_dp": 0.0}
-    table = markdown_table({"results": [row, {**row, "name": "uniform k=1", "ppl": 11.0, "top1": 0.9}]})
+    table = eval_table({"results": [row, {**row, "name": "uniform k=1", "ppl": 11.0, "top1": 0.9}]})
     lines = table.splitlines()
     assert len(lines) == 4 and "| 10.0000 ± 0.1000 | +0.00 |" in lines[2]
     assert "| +10.00 |" in lines[3] and "| 90.000 |" in lines[3]
@@ -265,7 +266,7 @@ def test_eval_cli_json_and_errors(patched_runtime, eval_model, tmp_path):
 @pytest.mark.slow
 def test_evaluate_torch_plans_rows(tmp_path):
     pytest.importorskip("torch")
-    from allocmoe_edge.evaluate import evaluate_torch_plans
+    from allocmoe_edge.torch_eval import evaluate_torch_plans
     from allocmoe_edge.hf import plan_shape
     from allocmoe_edge.plan import Budget, Plan
 
@@ -285,4 +286,4 @@ def test_evaluate_torch_plans_rows(tmp_path):
     full, plan_row = result["results"][0], result["results"][2]
     assert full["kld_mean"] == 0.0 and full["top1"] == 1.0 and full["activations_per_token"] == ident.full_budget
     assert plan_row["activations_per_token"] == sum(counts) and plan_row["kld_mean"] > 0
-    assert result["chunks"] == 2 and "| full |" in markdown_table(result)
+    assert result["chunks"] == 2 and "| full |" in eval_table(result)

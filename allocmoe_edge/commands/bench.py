@@ -69,8 +69,9 @@ def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[in
 
     Example: allocmoe bench model.gguf --budgets 1,0.5 -p 512,2048 -n 128 --latency --json bench.json
     """
-    from ..bench import BenchOptions, bench, markdown
+    from ..bench import BenchOptions, bench
     from ..fsutil import atomic_write_json
+    from ..presentation import bench_tables
 
     opts = BenchOptions(budgets=budgets, reps=reps, prompts=prompts, n_gen=n_gen, latency=latency, threads=threads,
                         n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, flash_attn=flash_attn,
@@ -78,7 +79,7 @@ def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[in
     # --json is rewritten after every round of repetitions ("complete": false until the end)
     result = bench(model, opts, log=lambda msg: click.echo(msg, err=True),
                    on_round=(lambda partial: atomic_write_json(json_out, partial)) if json_out else None)
-    click.echo(markdown(result))
+    click.echo(bench_tables(result))
     click.echo(f"\nbackend {result['backend']}, threads {result['threads']}, ngl {n_gpu_layers}, "
                f"plans: {result['plans_source']}, {reps} interleaved repetition(s), "
                f"commit {result['commit'] or 'unknown'}")

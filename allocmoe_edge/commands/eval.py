@@ -52,8 +52,9 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..errors import AllocMoeError
-    from ..evaluate import evaluate_llama, evaluate_torch_plans, markdown_table
+    from ..evaluate import evaluate_llama
     from ..fsutil import atomic_write_json
+    from ..presentation import eval_table
 
     columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -69,10 +70,12 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
         else:
             if cpu_moe or n_cpu_moe:
                 raise AllocMoeError("--cpu-moe and --n-cpu-moe are for the llama backend")
+            from ..torch_eval import evaluate_torch_plans
+
             result = evaluate_torch_plans(
                 model, text_file, plan_files, ctx=ctx, chunks=chunks, budgets=budgets, decode=decode,
                 on_window=lambda: progress.update(task, description="all configurations", advance=1))
-    click.echo(markdown_table(result))
+    click.echo(eval_table(result))
     protocol = "one token per ubatch" if decode else "one ubatch per chunk"
     click.echo(f"\n{result['chunks']} chunks of {ctx} tokens ({backend} backend, {protocol})")
     if json_out:

@@ -19,8 +19,8 @@ def command(eval_json: str, bench_json: str, speed: str, output: str) -> None:
 
     Example: allocmoe plot --eval eval.json --bench bench.json -o frontier.png
     """
-    from ..bench import plot_frontier
     from ..plan import read_json
+    from ..presentation import plot_frontier
 
     matched, total = plot_frontier(read_json(eval_json, "eval result"), read_json(bench_json, "bench result"),
                                    output, speed)
