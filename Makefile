@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - venv, patched runtime, then the whole pipeline on the bundled model
-#   make test   - venv, patched runtime, then the test suite
+#   make test   - venv, patched runtime, then ruff and the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -26,6 +26,7 @@ demo: runtime
 	$(BIN)/allocmoe demo
 
 test: runtime
+	$(BIN)/ruff check .
 	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra
 
 clean-venv:

@@ -20,13 +20,14 @@ log-ratios)``) for whichever metrics the file has.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import sensitivity
 from .errors import AllocMoeError
-from .plan import TOKEN_MODES, Budget, PlanModelShape, Plan
+from .plan import TOKEN_MODES, Budget, Plan, PlanModelShape
 from .sensitivity import METRICS
 from .thresholds import plan_thresholds
 

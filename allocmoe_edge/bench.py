@@ -62,16 +62,17 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
 from .bench_worker import Worker, interleave
 from .benchstats import BASELINE, percentiles, speedup, summary
 from .errors import AllocMoeError
 from .evaluate import EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
-from .gguf_meta import Keys, GgufModelInfo, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .gguf_meta import GgufModelInfo, Keys, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
 from .plan import fraction_problem
 from .thresholds import block_thresholds
 

@@ -28,8 +28,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 CHILD_ARGV = (sys.executable, "-m", __name__)
 STOP_GRACE_S = 30.0  # seconds a child may take to close its model after its last repetition

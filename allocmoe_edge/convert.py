@@ -15,8 +15,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .build_runtime import vendor_dir
 from .errors import AllocMoeError
@@ -93,7 +94,7 @@ def convert_to_type(model_dir: str | os.PathLike[str], outfile: str | os.PathLik
         return quantize(f16, outfile, outtype)
 
 
-def hf_plan_shape(model_dir: str | os.PathLike[str]) -> "PlanModelShape":
+def hf_plan_shape(model_dir: str | os.PathLike[str]) -> PlanModelShape:
     """A checkpoint's shape as a plan records it, from its config alone (the model is built on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

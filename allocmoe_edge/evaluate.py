@@ -5,11 +5,11 @@ tools/perplexity/perplexity.cpp): the text is tokenized with the model's tokeniz
 into chunks of ``ctx`` tokens; the first token of each chunk becomes BOS when the vocabulary
 adds BOS; each chunk is decoded as one batch and one ubatch (Alloc-T redistributes within a
 ubatch), or one token per ubatch in the decode protocol (``decode``: as generation runs,
-where Alloc-T's decode rule applies); only the second half is scored (logits at positions ctx/2 .. ctx-2, each predicting
-the next token). Standard errors are perplexity.cpp's: sqrt((E[x²] - E[x]²) / (n - 1)), and
-PPL ± PPL x se(NLL). Differences from llama.cpp: the KL divergence sums over the whole
-vocabulary from float32 log-probs (llama.cpp keeps uint16-quantised base log-probs and skips
-p < e^-16), and one chunk of text is enough (llama.cpp asks for two).
+where Alloc-T's decode rule applies); only the second half is scored (logits at positions
+ctx/2 .. ctx-2, each predicting the next token). Standard errors are perplexity.cpp's:
+sqrt((E[x²] - E[x]²) / (n - 1)), and PPL ± PPL x se(NLL). Differences from llama.cpp: the KL
+divergence sums over the whole vocabulary from float32 log-probs (llama.cpp keeps uint16-quantised
+base log-probs and skips p < e^-16), and one chunk of text is enough (llama.cpp asks for two).
 
 Every configuration is compared with the full-budget log-probs of the same positions, which
 are computed once and kept in a temporary file. In the JSON, ``top1`` and ``rms_dp`` are
@@ -22,8 +22,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

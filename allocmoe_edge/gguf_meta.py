@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -356,7 +357,8 @@ def stored_plan(info: GgufModelInfo, plan: Plan) -> StoredPlan:
     plan.check_against(plan_shape(info, plan.model.architecture))
     thresholds = plan.block_thresholds()
     return StoredPlan(counts=tuple(plan.layer_expert_counts()), budget=plan.budget.fraction,
-                      budget_count=plan.budget.count, method=plan.method, name=f"{plan.method}@{plan.budget.fraction:g}",
+                      budget_count=plan.budget.count, method=plan.method,
+                      name=f"{plan.method}@{plan.budget.fraction:g}",
                       thresholds=None if thresholds is None else tuple(thresholds))
 
 
@@ -388,7 +390,8 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         if alignment is not None:
             writer.data_alignment = alignment
         for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or drop(f.name) or f.name in set_fields:
+            written_by_writer = f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.")
+            if written_by_writer or drop(f.name) or f.name in set_fields:
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None

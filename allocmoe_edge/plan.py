@@ -21,9 +21,10 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import AllocMoeError
 from .fsutil import atomic_write_json
@@ -347,7 +348,8 @@ class Plan:
             "k_orig": "top-k",
         }
         mine, theirs = self.model.to_dict(), shape.to_dict()
-        diffs = [f"{label} (plan {mine[key]}, model {theirs[key]})" for key, label in names.items() if mine[key] != theirs[key]]
+        diffs = [f"{label} (plan {mine[key]}, model {theirs[key]})" for key, label in names.items()
+                 if mine[key] != theirs[key]]
         if diffs:
             raise AllocMoeError(
                 "plan was made for a different model: " + "; ".join(diffs) + "; run `allocmoe allocate` for this model"
@@ -386,7 +388,8 @@ class Plan:
         version = _int(d["version"], "plan.version")
         if version > PLAN_VERSION:
             raise AllocMoeError(
-                f"plan version {version} is newer than this allocmoe-edge supports ({PLAN_VERSION}); upgrade allocmoe-edge"
+                f"plan version {version} is newer than this allocmoe-edge supports ({PLAN_VERSION}); "
+                "upgrade allocmoe-edge"
             )
         if version < 1:
             raise AllocMoeError(f"unknown plan version {version}")

@@ -48,9 +48,10 @@ def eval_table(result: dict[str, Any]) -> str:
 def demo_quality_table(rows: list[dict[str, Any]]) -> str:
     """The demo report's quality table (`demo.quality_rows`: each row with its decode limit)."""
     head = ["config", "budget", "act/token", "PPL", "KLD mean", "KLD p99", "top-1 %", "decode limit"]
-    return table(head, [[r["config"], f"{100 * r['budget']:g}% ({r['budget_count']})", f"{r['activations_per_token']:g}",
-                         f"{r['ppl']:.3f}", f"{r['kld_mean']:.5f}", f"{r['kld_p99']:.4f}", f"{100 * r['top1']:.2f}",
-                         f"{r['decode_limit']:.2f}x"] for r in rows], numbers_from=1)
+    return table(head, [[r["config"], f"{100 * r['budget']:g}% ({r['budget_count']})",
+                         f"{r['activations_per_token']:g}", f"{r['ppl']:.3f}", f"{r['kld_mean']:.5f}",
+                         f"{r['kld_p99']:.4f}", f"{100 * r['top1']:.2f}", f"{r['decode_limit']:.2f}x"] for r in rows],
+                 numbers_from=1)
 
 
 # ---------------------------------------------------------------- speed

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -217,8 +218,8 @@ def run_profile(
     Resumes from a partial ``out`` of the same run. ``on_start(total)`` gets the number of
     layer forwards still to do. Returns the sensitivity document.
     """
-    from .hf import load_model, moe_shape
     from .fsutil import read_text
+    from .hf import load_model, moe_shape
     from .torch_eval import token_windows
 
     sensitivity.check_mode(mode)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -126,8 +127,8 @@ def run_refine(
     on_step: Callable[[list[int], float, bool], None] | None = None,
 ) -> Plan:
     """Load the model and plan, refine the plan on ``calib`` and save it to ``out``."""
-    from .hf import load_model
     from .fsutil import read_text
+    from .hf import load_model
     from .torch_eval import token_windows
 
     plan = Plan.load(plan_path)

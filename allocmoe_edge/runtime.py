@@ -13,11 +13,12 @@ import re
 import socket
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import AllocMoeError
-from .gguf_meta import Keys, GgufModelInfo, find_plan, open_reader, read_info
+from .gguf_meta import GgufModelInfo, Keys, find_plan, open_reader, read_info
 from .plan import TOKEN_MODES, check_fraction
 
 
@@ -85,7 +86,8 @@ class LoadChoice:
             kv[f"{info.architecture}.expert_used_count"] = int(self.uniform_k)
         if self.plan_index is not None:
             if not 0 <= self.plan_index < len(info.plans):
-                raise AllocMoeError(f"plan {self.plan_index} does not exist; {info.path} stores {len(info.plans)} plan(s)")
+                raise AllocMoeError(f"plan {self.plan_index} does not exist; {info.path} stores "
+                                    f"{len(info.plans)} plan(s)")
             kv[Keys.PLAN_INDEX] = int(self.plan_index)
         if self.token_k_max is not None:
             kv[Keys.TOKEN_K_MAX] = int(self.token_k_max)

@@ -12,15 +12,16 @@ for Mixtral-8x7B.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import AllocMoeError
 from .fsutil import atomic_output
-from .gguf_meta import Keys, GgufModelInfo, open_reader
+from .gguf_meta import GgufModelInfo, Keys, open_reader
 
 NAME_PREFIX = "synthetic"
 QUANT_TYPES = ("q4_0", "q8_0")

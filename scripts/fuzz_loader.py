@@ -29,14 +29,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 
 from allocmoe_edge.gguf_meta import (
-    FORMAT_VERSION_THRESHOLDS, Keys, GgufModelInfo, StoredPlan, copy_with_metadata, plan_fields, read_info,
+    FORMAT_VERSION_THRESHOLDS,
+    GgufModelInfo,
+    Keys,
+    StoredPlan,
+    copy_with_metadata,
+    plan_fields,
+    read_info,
 )
 
 T = gguf.GGUFValueType
@@ -331,7 +338,8 @@ def _worker(jobs_path: str) -> None:
             if llama_cpp.llama_decode(ctx, batch) != 0:
                 return False
             n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-            return bool(np.isfinite(np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(tokens), n_vocab))).all())
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(tokens), n_vocab))
+            return bool(np.isfinite(logits).all())
         finally:
             llama_cpp.llama_batch_free(batch)
 

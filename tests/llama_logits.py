@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-
 
 # ALLOCMOE_TEST_NGL=99 runs the llama.cpp side on the GPU (the device check does this).
 NGL = int(os.environ.get("ALLOCMOE_TEST_NGL", "0"))

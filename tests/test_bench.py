@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from allocmoe_edge.bench import (BenchOptions, WeightTraffic, add_speedups, configurations, decode_limits,
-                                 measurements, placement, stamp_uniform_split)
+from allocmoe_edge.bench import (
+    BenchOptions,
+    WeightTraffic,
+    add_speedups,
+    configurations,
+    decode_limits,
+    measurements,
+    placement,
+    stamp_uniform_split,
+)
 from allocmoe_edge.bench_worker import Worker, interleave
 from allocmoe_edge.benchstats import BASELINE, format_speedup, percentiles, speedup, summary
 from allocmoe_edge.cli import cli, main

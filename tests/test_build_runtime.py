@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 
 from allocmoe_edge import build_runtime
-from allocmoe_edge.build_runtime import (BuildOptions, apply_bindings_patches, build_progress, cache_key, patch_hash,
-                                         run_logged)
+from allocmoe_edge.build_runtime import (
+    BuildOptions,
+    apply_bindings_patches,
+    build_progress,
+    cache_key,
+    patch_hash,
+    run_logged,
+)
 from allocmoe_edge.errors import AllocMoeError
 
 BAD_PATCH = """\

@@ -58,7 +58,8 @@ def test_convert_with_plan_matches_transformers(patched_runtime, tiny_gguf, tmp_
 def test_q8_0_top1_agreement(patched_runtime, tiny_gguf, tmp_path):
     hf_dir, _ = tiny_gguf("mixtral")
     counts = (2, 1, 2)
-    out = build_budgeted_gguf(hf_dir, [_plan(hf_dir, counts, tmp_path)], tmp_path / "q.gguf", "q8_0", log=lambda m: None)
+    out = build_budgeted_gguf(hf_dir, [_plan(hf_dir, counts, tmp_path)], tmp_path / "q.gguf", "q8_0",
+                              log=lambda m: None)
     assert read_info(out).file_type == "MOSTLY_Q8_0"
     tokens = tokens_for(50000, n=64)
     agree = float(np.mean(llama_logits(out, tokens).argmax(1) == torch_logits(hf_dir, tokens, list(counts)).argmax(1)))
@@ -77,7 +78,8 @@ def test_several_plans_one_file(patched_runtime, tiny_gguf, tmp_path):
     assert layer_counts(load(out)) == [2, 1, 3]
     assert layer_counts(load(out, choice_for_budget(info, 1 / 3))) == [1, 1, 1]
     assert layer_counts(load(out, choice_for_budget(info, 1.0))) == [3, 3, 3]
-    listing = subprocess.run([sys.executable, "-m", "allocmoe_edge", "inspect", str(out)], capture_output=True, text=True)
+    listing = subprocess.run([sys.executable, "-m", "allocmoe_edge", "inspect", str(out)], capture_output=True,
+                             text=True)
     assert listing.stdout.count("plan ") == 3, listing.stdout
 
 

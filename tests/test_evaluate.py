@@ -15,8 +15,17 @@ import pytest
 
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.evaluate import (
-    chunk_tokens, evaluate_llama, gguf_configurations, log_probs, mean_se, percentile, perplexity,
-    score_positions, scored, summarize, uniform_k,
+    chunk_tokens,
+    evaluate_llama,
+    gguf_configurations,
+    log_probs,
+    mean_se,
+    percentile,
+    perplexity,
+    score_positions,
+    scored,
+    summarize,
+    uniform_k,
 )
 from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
 from allocmoe_edge.presentation import eval_table
@@ -241,8 +250,10 @@ def test_evaluate_llama_rows(patched_runtime, eval_model):
 @pytest.mark.runtime
 def test_eval_cli_json_and_errors(patched_runtime, eval_model, tmp_path):
     path, text = eval_model
-    run = lambda *a: subprocess.run([sys.executable, "-m", "allocmoe_edge", "eval", *map(str, a)],
-                                    capture_output=True, text=True, timeout=600)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "allocmoe_edge", "eval", *map(str, a)],
+                              capture_output=True, text=True, timeout=600)
+
     out = run(path, "--text", text, "--ctx", CTX, "--chunks", 2, "--budgets", "0.67", "-t", 2,
               "--json", tmp_path / "q.json")
     assert out.returncode == 0, out.stderr
@@ -266,9 +277,9 @@ def test_eval_cli_json_and_errors(patched_runtime, eval_model, tmp_path):
 @pytest.mark.slow
 def test_evaluate_torch_plans_rows(tmp_path):
     pytest.importorskip("torch")
-    from allocmoe_edge.torch_eval import evaluate_torch_plans
     from allocmoe_edge.hf import plan_shape
     from allocmoe_edge.plan import Budget, Plan
+    from allocmoe_edge.torch_eval import evaluate_torch_plans
 
     from .tiny_models import make_tiny_model, save_tiny_model
 

@@ -14,7 +14,8 @@ import pytest
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import PREFIX, read_info
 
-_SPEC = importlib.util.spec_from_file_location("fuzz_loader", Path(__file__).parent.parent / "scripts" / "fuzz_loader.py")
+_SPEC = importlib.util.spec_from_file_location("fuzz_loader",
+                                               Path(__file__).parent.parent / "scripts" / "fuzz_loader.py")
 fuzz_loader = sys.modules.setdefault("fuzz_loader", importlib.util.module_from_spec(_SPEC))
 _SPEC.loader.exec_module(fuzz_loader)  # registered first: its dataclasses look their module up
 

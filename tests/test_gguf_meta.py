@@ -8,10 +8,18 @@ import pytest
 
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import (
-    AllocmoeMeta, Keys, StoredPlan, copy_with_metadata, expand_counts, find_plan, plan_for_counts, read_info, stamp,
+    AllocmoeMeta,
+    Keys,
+    StoredPlan,
+    copy_with_metadata,
+    expand_counts,
+    find_plan,
+    plan_for_counts,
+    read_info,
+    stamp,
     stored_plan_from_file,
 )
-from allocmoe_edge.plan import Budget, PlanModelShape, Plan
+from allocmoe_edge.plan import Budget, Plan, PlanModelShape
 
 from .ggufs import write_fake_moe
 
@@ -101,7 +109,8 @@ def test_plan_file_checked_against_gguf(tmp_path):
     sp = stored_plan_from_file(info, tmp_path / "p.json")
     assert sp.counts == (2, 1, 1, 1) and sp.budget_count == 3
     other = PlanModelShape("Qwen2MoeForCausalLM", 4, (1, 2, 3), 16, 2)
-    Plan(model=other, budget=Budget.parse("0.5", other), method="alloc-l", counts=(1, 1, 1), token_k_max=0).save(tmp_path / "q.json")
+    Plan(model=other, budget=Budget.parse("0.5", other), method="alloc-l", counts=(1, 1, 1),
+         token_k_max=0).save(tmp_path / "q.json")
     with pytest.raises(AllocMoeError, match="expert count"):
         stored_plan_from_file(info, tmp_path / "q.json")
 

@@ -1,18 +1,20 @@
 """MoE discovery, per-layer top-k and the Alloc-T routing hook on tiny random models."""
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, plan_shape, moe_shape, parse_max_memory, token_alloc
+from allocmoe_edge.hf import layer_topk, moe_shape, parse_max_memory, plan_shape, token_alloc
 from allocmoe_edge.token_alloc import select
+
 from .tiny_models import ARCHS, make_tiny_model
 
 # tiny models under test: name -> (architecture, config overrides)
 VARIANTS = {arch: (arch, {}) for arch in ARCHS}
-VARIANTS["deepseek_v2_grouped"] = ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1})
+VARIANTS["deepseek_v2_grouped"] = ("deepseek_v2",
+                                   {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1})
 
 # name -> (n_layer, moe_layers, n_expert, k_orig, score, renormalise, scaling, groups, shared experts)
 EXPECTED = {
@@ -26,7 +28,7 @@ EXPECTED = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def model(name: str) -> torch.nn.Module:
     arch, overrides = VARIANTS[name]
     return make_tiny_model(arch, seed=0, **overrides)
@@ -46,7 +48,8 @@ def test_identity_and_routing(arch):
     n_layer, moe_layers, n_expert, k_orig, score, renorm, scaling, groups, shared = EXPECTED[arch]
     info = moe_shape(model(arch))
     assert plan_shape(model(arch)).to_dict() == {
-        "architecture": VARIANTS[arch][0], "n_layer": n_layer, "moe_layers": list(moe_layers), "n_expert": n_expert, "k_orig": k_orig,
+        "architecture": VARIANTS[arch][0], "n_layer": n_layer, "moe_layers": list(moe_layers), "n_expert": n_expert,
+        "k_orig": k_orig,
     }
     r = info.routing
     assert (r.score, r.renormalise, r.scaling, info.shared_experts) == (score, renorm, scaling, shared)

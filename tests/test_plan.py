@@ -9,7 +9,7 @@ import math
 import pytest
 
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.plan import Budget, PlanModelShape, Plan
+from allocmoe_edge.plan import Budget, Plan, PlanModelShape
 
 # DeepSeek-V2-Lite's shape: block 0 dense, 26 MoE blocks, 64 experts, top-6
 DSV2 = PlanModelShape("deepseek2", 27, tuple(range(1, 27)), 64, 6)
@@ -163,7 +163,8 @@ def test_check_against():
     text = str(e.value)
     for label in ("architecture", "layer count", "MoE layers", "expert count", "top-k"):
         assert label in text
-    with pytest.raises(AllocMoeError, match=r"^plan was made for a different model: expert count \(plan 64, model 32\)"):
+    expected = r"^plan was made for a different model: expert count \(plan 64, model 32\)"
+    with pytest.raises(AllocMoeError, match=expected):
         plan.check_against(dataclasses.replace(DSV2, n_expert=32))
 
 

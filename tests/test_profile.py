@@ -2,7 +2,7 @@
 
 import json
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, load_model, plan_shape, moe_shape, token_alloc
+from allocmoe_edge.hf import layer_topk, load_model, moe_shape, plan_shape, token_alloc
 from allocmoe_edge.plan import Budget, Plan
 from allocmoe_edge.profile import planned_forwards, profile_layers, run_profile
 from allocmoe_edge.refine import refine_plan
@@ -22,7 +22,7 @@ from .tiny_models import make_tiny_model, save_tiny_model
 WORDS = "the quick brown fox jumps over a lazy dog while experts route every token under a budget".split()
 
 
-@lru_cache(maxsize=None)
+@cache
 def model(arch: str) -> torch.nn.Module:
     return make_tiny_model(arch, seed=0)
 
@@ -73,7 +73,8 @@ def _check_cached_path(m: torch.nn.Module, w: torch.Tensor, mode: str) -> None:
         assert all(e["kld"][-1] == 0.0 for e in layers)
 
 
-@pytest.mark.parametrize("arch,mode", [("mixtral", "isolated"), ("deepseek_v2", "deeper-top1"), ("qwen2_moe", "isolated")])
+@pytest.mark.parametrize("arch,mode", [("mixtral", "isolated"), ("deepseek_v2", "deeper-top1"),
+                                       ("qwen2_moe", "isolated")])
 def test_cached_path_matches_full_forwards(arch, mode):
     _check_cached_path(model(arch), windows(), mode)
 

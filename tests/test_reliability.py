@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
-from allocmoe_edge.plan import Budget, PlanModelShape, Plan
+from allocmoe_edge.plan import Budget, Plan, PlanModelShape
 from allocmoe_edge.runtime import LoadChoice
 
 from .ggufs import write_fake_moe

@@ -61,7 +61,8 @@ def test_full_budget_paths_are_bitwise_identical(patched_runtime, tiny_gguf, tmp
     assert np.array_equal(plain, llama_logits(tmp_path / "a.gguf", tokens, LoadChoice(plan_index=1)))
     # a uniform plan equals the stock expert_used_count override users rely on today
     stamp(path, tmp_path / "u.gguf", [plan_for_counts(info, [2, 2, 2])])
-    assert np.array_equal(llama_logits(tmp_path / "u.gguf", tokens), llama_logits(path, tokens, LoadChoice(uniform_k=2)))
+    assert np.array_equal(llama_logits(tmp_path / "u.gguf", tokens),
+                          llama_logits(path, tokens, LoadChoice(uniform_k=2)))
 
 
 def test_plan_selected_per_load(patched_runtime, tiny_gguf, tmp_path):
@@ -117,13 +118,16 @@ def test_hostile_plan_fails_cleanly(patched_runtime, tiny_gguf, tmp_path, case):
 
 def test_stamp_inspect_run_cli(patched_runtime, tiny_gguf, tmp_path):
     _, path = tiny_gguf("mixtral")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "allocmoe_edge", *a], capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "allocmoe_edge", *a], capture_output=True, text=True)
+
     out = run("stamp", str(path), "--counts", "1,2,1", "--counts", "2,2,2", "-o", str(tmp_path / "s.gguf"))
     assert out.returncode == 0, out.stderr
     info = json.loads(run("inspect", str(tmp_path / "s.gguf"), "--json").stdout)
     assert info["allocmoe"]["layer_expert_counts"] == [1, 2, 1]
     assert info["expert_used_count"] == 3 and info["block_count"] == 3
-    res = json.loads(run("run", str(tmp_path / "s.gguf"), "-p", "hello", "-n", "4", "--budget", "0.6667", "--json").stdout)
+    res = json.loads(run("run", str(tmp_path / "s.gguf"), "-p", "hello", "-n", "4", "--budget", "0.6667",
+                         "--json").stdout)
     assert res["layer_counts"] == [2, 2, 2]
 
 

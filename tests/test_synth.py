@@ -101,7 +101,8 @@ def test_not_synthetic_and_bad_layer_count(tmp_path):
 def olmoe_q8(tmp_path_factory):
     """OLMoE shape, 2 blocks, q8_0, made through the CLI."""
     path = tmp_path_factory.mktemp("synth") / "olmoe-q8.gguf"
-    out = CliRunner().invoke(cli, ["synth", "--shape", "olmoe-1b-7b", "--type", "q8_0", "--layers", "2", "-o", str(path)])
+    out = CliRunner().invoke(cli, ["synth", "--shape", "olmoe-1b-7b", "--type", "q8_0", "--layers", "2", "-o",
+                                   str(path)])
     assert out.exit_code == 0, out.output
     assert "2 MoE layers x 64 experts (top-8)" in out.output
     return path

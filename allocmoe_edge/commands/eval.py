@@ -13,7 +13,8 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     try:
         return [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions such as 0.25,0.5,0.75")
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of fractions such as 0.25,0.5,0.75") from None
 
 
 @click.command("eval")
@@ -32,7 +33,8 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
                    "directory and the plans come from --plan.")
 @click.option("--plan", "plan_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="(torch backend) a plan JSON to evaluate; repeat for several.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads (llama backend; default: llama.cpp's choice).")
+@click.option("-t", "--threads", type=int, default=None,
+              help="CPU threads (llama backend; default: llama.cpp's choice).")
 @click.option("-ngl", "--n-gpu-layers", default=0, show_default=True,
               help="Layers to offload to the GPU (llama backend; -1 = all).")
 @click.option("--decode", is_flag=True,
@@ -49,7 +51,14 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
 
     Example: allocmoe eval model.budget.gguf --text heldout.txt --decode --json eval-decode.json"""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ..errors import AllocMoeError
     from ..evaluate import evaluate_llama
@@ -62,7 +71,8 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
         task = progress.add_task("loading", total=None)
         if backend == "llama":
             if plan_files:
-                raise AllocMoeError("--plan is for the torch backend; a GGUF carries its plans (see `allocmoe inspect`)")
+                raise AllocMoeError("--plan is for the torch backend; a GGUF carries its plans "
+                                    "(see `allocmoe inspect`)")
             result = evaluate_llama(
                 model, text_file, ctx=ctx, chunks=chunks, budgets=budgets, n_threads=threads,
                 n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, decode=decode,

@@ -26,7 +26,8 @@ def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
     if as_json:
         click.echo(json.dumps({**info.to_json(), **({"expert_placement": placement} if placement else {})}, indent=2))
         return
-    click.echo(f"{info.path}: {info.architecture}, {info.block_count} blocks, {info.file_type}, {info.n_bytes / 2**20:.1f} MiB")
+    click.echo(f"{info.path}: {info.architecture}, {info.block_count} blocks, {info.file_type}, "
+               f"{info.n_bytes / 2**20:.1f} MiB")
     if not info.moe_layers:
         click.echo("no MoE layers (not a mixture-of-experts model)")
         return

@@ -15,7 +15,8 @@ def _fmt(block: dict | None, key: str) -> str:
 
 @click.command("refine")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Plan JSON to refine.")
+@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Plan JSON to refine.")
 @calib_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Refined plan JSON to write.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=0),

@@ -12,7 +12,8 @@ from .options import cpu_moe_options
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("-n", "--n-predict", default=64, show_default=True, help="Tokens to generate.")
 @click.option("--budget", type=float, default=None,
-              help="Run the stored plan with this budget fraction (1.0 = full budget). Default: the file's default plan.")
+              help="Run the stored plan with this budget fraction (1.0 = full budget). "
+                   "Default: the file's default plan.")
 @click.option("--plan-index", type=int, default=None, help="Run stored plan number N (see `allocmoe inspect`).")
 @click.option("--uniform-k", type=int, default=None,
               help="Ignore the plans and run top-k everywhere (the stock expert_used_count override).")

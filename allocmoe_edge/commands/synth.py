@@ -33,4 +33,5 @@ def command(shape: str, qtype: str, layers: int | None, seed: int, output: str) 
                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     info = read_info(output)
     click.echo(f"wrote {output}: {info.architecture}, {info.block_count} blocks, {len(info.moe_layers)} MoE layers x "
-               f"{info.expert_count} experts (top-{info.expert_used_count}), {info.n_bytes / 2**20:.0f} MiB, random weights")
+               f"{info.expert_count} experts (top-{info.expert_used_count}), {info.n_bytes / 2**20:.0f} MiB, "
+               "random weights")
