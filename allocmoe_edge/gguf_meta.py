@@ -246,18 +246,18 @@ def read_info(path: str | os.PathLike[str]) -> GgufModelInfo:
     import gguf
 
     reader = open_reader(path)
-    arch = _value(reader, "general.architecture")
+    arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
-        raise AllocMoeError(f"{path}: general.architecture is missing; not a llama.cpp model file")
-    block_count = _value(reader, f"{arch}.block_count")
+        raise AllocMoeError(f"{path}: {gguf.Keys.General.ARCHITECTURE} is missing; not a llama.cpp model file")
+    block_count = _value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     if not isinstance(block_count, int):
-        raise AllocMoeError(f"{path}: {arch}.block_count is missing")
-    used = _value(reader, f"{arch}.expert_used_count", 0)
+        raise AllocMoeError(f"{path}: {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)} is missing")
+    used = _value(reader, gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch), 0)
     if isinstance(used, list):  # some files store per-layer counts; report the maximum
         used = max(used) if used else 0
     names = {t.name for t in reader.tensors}
     moe_layers = [i for i in range(block_count) if f"blk.{i}.ffn_gate_inp.weight" in names]
-    ftype = _value(reader, "general.file_type")
+    ftype = _value(reader, gguf.Keys.General.FILE_TYPE)
     fields = {k: _value(reader, k) for k in reader.fields if k.startswith(Keys.PREFIX)}
     plans = [_stored_plan_entry(path, fields, i) for i in _plan_indices(path, fields)]
     summary = {k.removeprefix(Keys.PREFIX): v for k, v in fields.items() if not k.startswith(Keys.PLAN_PREFIX)}
@@ -269,7 +269,7 @@ def read_info(path: str | os.PathLike[str]) -> GgufModelInfo:
         ftype_name = str(ftype)
     return GgufModelInfo(
         path=str(path), architecture=arch, block_count=block_count,
-        expert_count=int(_value(reader, f"{arch}.expert_count", 0) or 0),
+        expert_count=int(_value(reader, gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch), 0) or 0),
         expert_used_count=int(used or 0), moe_layers=moe_layers, file_type=ftype_name,
         n_bytes=Path(path).stat().st_size, allocmoe=summary,
     )
@@ -383,7 +383,7 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     free = _free_bytes(dst.parent)
     if free is not None and free < total + (64 << 20):
         raise AllocMoeError(f"not enough disk space in {dst.parent}: need ~{total >> 20} MiB, {free >> 20} MiB free")
-    arch = _value(reader, "general.architecture")
+    arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
     with atomic_output(dst) as tmp:
         writer = (writer_cls or gguf.GGUFWriter)(tmp, arch, endianess=reader.endianess)
         alignment = _written_alignment(reader, set_fields, drop)

@@ -77,13 +77,15 @@ class LoadChoice:
 
     def kv_overrides(self, info: GgufModelInfo) -> dict[str, bool | int | float | str]:
         """The scalar kv_overrides that make llama.cpp run this choice."""
+        import gguf
+
         kv: dict[str, bool | int | float | str] = {}
         if self.full_budget or self.uniform_k is not None:
             kv[Keys.ENABLED] = False
         if self.uniform_k is not None:
             if not 1 <= self.uniform_k <= info.expert_count:
                 raise AllocMoeError(f"uniform top-k {self.uniform_k} is outside [1, {info.expert_count}]")
-            kv[f"{info.architecture}.expert_used_count"] = int(self.uniform_k)
+            kv[gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=info.architecture)] = int(self.uniform_k)
         if self.plan_index is not None:
             if not 0 <= self.plan_index < len(info.plans):
                 raise AllocMoeError(f"plan {self.plan_index} does not exist; {info.path} stores "

@@ -305,5 +305,7 @@ def is_synthetic(info: GgufModelInfo) -> bool:
     """
     if info.meta.synthetic:
         return True
-    field = open_reader(info.path).get_field("general.name")
+    import gguf
+
+    field = open_reader(info.path).get_field(gguf.Keys.General.NAME)
     return field is not None and str(field.contents()).lower().startswith(NAME_PREFIX)
