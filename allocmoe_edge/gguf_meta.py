@@ -112,7 +112,8 @@ class AllocmoeMeta:
     the patched loader's default.
 
     ``keys`` names the keys the file has; ``malformed`` those whose value has the wrong type (or an
-    unknown token mode), which keep their default here (the patched loader refuses such a file).
+    unknown token mode), which keep their default here (the patched loader refuses a file where a
+    key it reads is malformed).
     """
 
     version: int | None = None
