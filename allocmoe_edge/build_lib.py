@@ -18,12 +18,21 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from .build_runtime import (SDIST_SHA256, BuildOptions, _unpack, apply_patches, cache_dir, fetch_sdist, patch_files,
-                            patch_hash, run_logged)
+from .build_runtime import (
+    SDIST_SHA256,
+    BuildOptions,
+    _unpack,
+    apply_patches,
+    cache_dir,
+    fetch_sdist,
+    patch_files,
+    patch_hash,
+    run_logged,
+)
 from .errors import AllocMoeError
 
 STAMP = ".allocmoe-patch-hash"  # in a patched tree: the patch_hash() it was patched with

@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import AllocMoeError
 from .fsutil import sha256_file
@@ -141,7 +141,8 @@ def fetch_sdist(log=print) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         log(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) with pip")
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}"]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", tmp,
+                   f"{SDIST_NAME}=={SDIST_VERSION}"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / SDIST_FILE
             if proc.returncode != 0 or not got.exists():
@@ -183,9 +184,11 @@ def _apply_series(patches: list[Path], root: Path, target: str, log=print) -> No
         check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=root,
                                capture_output=True, text=True)
         if check.returncode != 0:
-            failing = re.findall(r"patch failed: ([^:\s]+)", check.stderr) or re.findall(r"error: ([^:\s]+):", check.stderr)
+            failing = (re.findall(r"patch failed: ([^:\s]+)", check.stderr)
+                       or re.findall(r"error: ([^:\s]+):", check.stderr))
             where = f" (failing file: {failing[0]})" if failing else ""
-            raise AllocMoeError(f"patch {patch.name} does not apply to {target}{where}:\n{check.stderr.strip()[-1500:]}")
+            raise AllocMoeError(f"patch {patch.name} does not apply to {target}{where}:\n"
+                                f"{check.stderr.strip()[-1500:]}")
         subprocess.run(["git", "apply", str(patch)], cwd=root, check=True, capture_output=True)
         log(f"applied {patch.name}")
 
@@ -285,7 +288,8 @@ def install_wheel(wheel: Path, log=print) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AllocMoeError(f"pip could not install {wheel.name}:\n{proc.stderr[-2000:]}")
-    deps = [sys.executable, "-m", "pip", "install", "typing-extensions>=4.5", "numpy>=1.20", "diskcache>=5.6.1", "jinja2>=2.11.3"]
+    deps = [sys.executable, "-m", "pip", "install", "typing-extensions>=4.5", "numpy>=1.20", "diskcache>=5.6.1",
+            "jinja2>=2.11.3"]
     subprocess.run(deps, capture_output=True, text=True, check=True)
     log(f"installed {wheel.name}")
 

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -29,8 +29,9 @@ from allocmoe_edge.runtime import _check_reachable, load
 
 from .ggufs import write_fake_moe
 
-needs_rpc_build = pytest.mark.skipif(os.environ.get("ALLOCMOE_RPC") != "1",
-                                     reason="set ALLOCMOE_RPC=1: builds the RPC wheel and rpc-server (~15 min uncached)")
+needs_rpc_build = pytest.mark.skipif(
+    os.environ.get("ALLOCMOE_RPC") != "1",
+    reason="set ALLOCMOE_RPC=1: builds the RPC wheel and rpc-server (~15 min uncached)")
 
 RPC = BuildOptions(rpc=True)
 ROOT = Path(__file__).resolve().parent.parent
