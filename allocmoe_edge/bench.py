@@ -72,7 +72,7 @@ from .benchstats import BASELINE, percentiles, speedup, summary
 from .errors import AllocMoeError
 from .evaluate import EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
-from .gguf_meta import GgufModelInfo, Keys, copy_with_metadata, open_reader, plan_fields, plan_for_counts, read_info
+from .gguf_meta import GgufModelInfo, Keys, copy_with_metadata, plan_fields, plan_for_counts, read_header, read_info
 from .plan import fraction_problem
 from .thresholds import block_thresholds
 
@@ -223,7 +223,7 @@ class WeightTraffic:
     def of(cls, path: str | Path, info: GgufModelInfo) -> WeightTraffic:
         """Read the tensor sizes of ``path``: routed experts apart, one row of token_embd when
         output.weight exists (a lookup), everything else whole."""
-        tensors = open_reader(path).tensors
+        tensors = read_header(path).tensors
         has_output = any(t.name == "output.weight" for t in tensors)
         fixed, per_expert = 0, dict.fromkeys(info.moe_layers, 0)
         for t in tensors:

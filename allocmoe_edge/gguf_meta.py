@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
 from .errors import AllocMoeError
 from .fsutil import atomic_output
+from .gguf_scan import ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufHeader, copy_with_fields, scan
 from .plan import TOKEN_MODES, Plan, PlanModelShape, count_problems
 
 FORMAT_VERSION = 1
@@ -221,45 +220,30 @@ def _finite_json(value: Any) -> Any:
     return value
 
 
-def open_reader(path: str | os.PathLike[str]) -> Any:
-    """Open a GGUF with gguf-py; a missing, truncated or corrupted file is a clean error."""
-    import gguf
-
-    p = Path(path)
-    if not p.is_file():
-        raise AllocMoeError(f"{p}: no such file")
-    try:
-        return gguf.GGUFReader(p, "r")
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on bad files
-        raise AllocMoeError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-
-
-def _value(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v.tolist() if isinstance(v, np.ndarray) else v
+def read_header(path: str | os.PathLike[str]) -> GgufHeader:
+    """A GGUF's metadata and tensor table (`gguf_scan`: fast, unlike gguf-py's reader over a large
+    vocabulary), every ``allocmoe.*`` value decoded; a damaged file is a clean error."""
+    return scan(path, decode_strings=lambda key: key.startswith(Keys.PREFIX))
 
 
 def read_info(path: str | os.PathLike[str]) -> GgufModelInfo:
     """Read the MoE shape and the allocmoe metadata of a GGUF."""
     import gguf
 
-    reader = open_reader(path)
-    arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
+    header = read_header(path)
+    arch = header.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise AllocMoeError(f"{path}: {gguf.Keys.General.ARCHITECTURE} is missing; not a llama.cpp model file")
-    block_count = _value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
-    if not isinstance(block_count, int):
+    block_count = header.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    if not isinstance(block_count, int) or isinstance(block_count, bool):
         raise AllocMoeError(f"{path}: {gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)} is missing")
-    used = _value(reader, gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch), 0)
+    used = header.get(gguf.Keys.LLM.EXPERT_USED_COUNT.format(arch=arch), 0)
     if isinstance(used, list):  # some files store per-layer counts; report the maximum
         used = max(used) if used else 0
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in header.tensors}
     moe_layers = [i for i in range(block_count) if f"blk.{i}.ffn_gate_inp.weight" in names]
-    ftype = _value(reader, gguf.Keys.General.FILE_TYPE)
-    fields = {k: _value(reader, k) for k in reader.fields if k.startswith(Keys.PREFIX)}
+    ftype = header.get(gguf.Keys.General.FILE_TYPE)
+    fields = {k: header.get(k) for k in header.fields if k.startswith(Keys.PREFIX)}
     plans = [_stored_plan_entry(path, fields, i) for i in _plan_indices(path, fields)]
     summary = {k.removeprefix(Keys.PREFIX): v for k, v in fields.items() if not k.startswith(Keys.PLAN_PREFIX)}
     if plans:
@@ -270,7 +254,7 @@ def read_info(path: str | os.PathLike[str]) -> GgufModelInfo:
         ftype_name = str(ftype)
     return GgufModelInfo(
         path=str(path), architecture=arch, block_count=block_count,
-        expert_count=int(_value(reader, gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch), 0) or 0),
+        expert_count=int(header.get(gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch), 0) or 0),
         expert_used_count=int(used or 0), moe_layers=moe_layers, file_type=ftype_name,
         n_bytes=Path(path).stat().st_size, allocmoe=summary,
     )
@@ -368,60 +352,40 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                        progress: Callable[[int, int], None] | None = None, writer_cls: Any = None) -> None:
     """Copy a GGUF to ``dst`` (atomically) with keys removed by ``drop`` and ``set_fields`` added.
 
-    ``set_fields`` maps key -> (value, GGUFValueType, sub_type or None); arrays must name their
-    sub_type (gguf-py would otherwise write a uint32 list as int32). ``writer_cls`` replaces
-    gguf-py's GGUFWriter (the loader fuzzer writes values gguf-py refuses). Tensor data is aligned
-    as the copy's ``general.alignment`` says (gguf-py's ``copy_with_new_metadata`` sets it from the
-    input's): readers place the data by that key.
+    ``set_fields`` maps key -> (value, GGUFValueType, sub_type or None), packed by gguf-py's writer
+    (``writer_cls`` replaces it: the loader fuzzer writes values gguf-py refuses); arrays must name
+    their sub_type (gguf-py would otherwise write a uint32 list as int32). Kept entries and tensor
+    data are copied byte for byte (`gguf_scan.copy_with_fields`); the data is aligned as the copy's
+    ``general.alignment`` says, as gguf-py's ``copy_with_new_metadata`` does: readers place it by
+    that key.
     """
     import gguf
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise AllocMoeError("the output must be a new file; refusing to overwrite the input")
-    reader = open_reader(src)
-    total = sum(int(t.n_bytes) for t in reader.tensors)
+    header = read_header(src)
+    total = sum(t.n_bytes for t in header.tensors)
     free = _free_bytes(dst.parent)
     if free is not None and free < total + (64 << 20):
         raise AllocMoeError(f"not enough disk space in {dst.parent}: need ~{total >> 20} MiB, {free >> 20} MiB free")
-    arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
-    with atomic_output(dst) as tmp:
-        writer = (writer_cls or gguf.GGUFWriter)(tmp, arch, endianess=reader.endianess)
-        alignment = _written_alignment(reader, set_fields, drop)
-        if alignment is not None:
-            writer.data_alignment = alignment
-        for f in reader.fields.values():
-            written_by_writer = f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.")
-            if written_by_writer or drop(f.name) or f.name in set_fields:
-                continue
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-        for key, (value, vtype, sub) in set_fields.items():
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for t in reader.tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        for t in reader.tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-            done += int(t.n_bytes)
-            if progress:
-                progress(done, total)
-        writer.close()
+    endian = gguf.GGUFEndian.BIG if header.byteorder == ">" else gguf.GGUFEndian.LITTLE
+    packer = (writer_cls or gguf.GGUFWriter)(None, header.get(gguf.Keys.General.ARCHITECTURE), endianess=endian)
+    added = [packer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
+             + packer._pack_val(value, vtype, add_vtype=True, sub_type=sub)
+             for key, (value, vtype, sub) in set_fields.items()]
+    with atomic_output(dst) as tmp, open(tmp, "wb") as out:
+        copy_with_fields(header, out, keep=lambda key: not drop(key) and key not in set_fields, added=added,
+                         alignment=_written_alignment(header, set_fields, drop), progress=progress)
 
 
-def _written_alignment(reader: Any, set_fields: dict[str, tuple[Any, Any, Any]],
-                       drop: Callable[[str], bool]) -> int | None:
-    """The ``general.alignment`` a copy carries (None: none, the default alignment applies)."""
-    import gguf
-
-    key = gguf.Keys.General.ALIGNMENT
+def _written_alignment(header: GgufHeader, set_fields: dict[str, tuple[Any, Any, Any]],
+                       drop: Callable[[str], bool]) -> int:
+    """The data alignment of a copy: its ``general.alignment``, or GGUF's default without one."""
+    key = ALIGNMENT_KEY
     if key in set_fields:
         return int(set_fields[key][0])
-    return None if drop(key) else _value(reader, key)
+    return header.alignment if key in header.fields and not drop(key) else DEFAULT_ALIGNMENT
 
 
 def _free_bytes(folder: Path) -> int | None:

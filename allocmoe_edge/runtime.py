@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AllocMoeError
-from .gguf_meta import GgufModelInfo, Keys, find_plan, open_reader, read_info
+from .gguf_meta import GgufModelInfo, Keys, find_plan, read_header, read_info
 from .plan import TOKEN_MODES, check_fraction
 
 
@@ -252,7 +252,7 @@ def _cpu_moe_kwargs(info: GgufModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[
 def expert_tensor_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
     """Bytes of the routed-expert tensors of each block of a GGUF, from its tensor table."""
     sizes: dict[int, int] = {}
-    for t in open_reader(path).tensors:
+    for t in read_header(path).tensors:
         m = re.match(r"blk\.(\d+)\.", t.name)
         if m and re.search(EXPERT_TENSOR_REGEX, t.name):
             sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + int(t.n_bytes)

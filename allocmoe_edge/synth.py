@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import AllocMoeError
 from .fsutil import atomic_output
-from .gguf_meta import GgufModelInfo, Keys, open_reader
+from .gguf_meta import GgufModelInfo, Keys, read_header
 
 NAME_PREFIX = "synthetic"
 QUANT_TYPES = ("q4_0", "q8_0")
@@ -307,5 +307,4 @@ def is_synthetic(info: GgufModelInfo) -> bool:
         return True
     import gguf
 
-    field = open_reader(info.path).get_field(gguf.Keys.General.NAME)
-    return field is not None and str(field.contents()).lower().startswith(NAME_PREFIX)
+    return str(read_header(info.path).get(gguf.Keys.General.NAME, "")).lower().startswith(NAME_PREFIX)

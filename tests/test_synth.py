@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.gguf_meta import open_reader, read_info
+from allocmoe_edge.gguf_meta import read_info
 from allocmoe_edge.synth import SHAPES, is_synthetic, synthesize
 
 from .ggufs import write_fake_moe
@@ -20,7 +20,7 @@ SHAPE_PARAMS = [pytest.param(name, marks=[] if name == "olmoe-1b-7b" else [pytes
 
 
 def _dims(path, name: str) -> tuple[int, ...]:
-    tensor = next(t for t in open_reader(path).tensors if t.name == name)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
     return tuple(int(x) for x in tensor.shape)
 
 
@@ -50,7 +50,7 @@ def test_shape_and_metadata(two_blocks, name):
     assert _dims(path, "token_embd.weight") == (s.n_embd, s.n_vocab)
     assert _dims(path, "blk.1.ffn_gate_exps.weight") == (s.n_embd, s.n_ff_exp, s.n_expert)
     assert _dims(path, "blk.1.ffn_down_exps.weight") == (s.n_ff_exp, s.n_embd, s.n_expert)
-    reader = open_reader(path)
+    reader = gguf.GGUFReader(path)
     assert len(reader.get_field("tokenizer.ggml.tokens").data) == s.n_vocab
     if s.n_ff_shexp:
         assert _dims(path, "blk.1.ffn_up_shexp.weight") == (s.n_embd, s.n_ff_shexp)
@@ -70,14 +70,14 @@ def test_qwen3_moe_attention_is_wider_than_the_embedding(two_blocks):
     assert _dims(path, "blk.0.attn_k.weight") == (2048, 4 * 128)
     assert _dims(path, "blk.0.attn_q_norm.weight") == _dims(path, "blk.0.attn_k_norm.weight") == (128,)
     assert _dims(path, "blk.1.ffn_up_exps.weight") == (2048, 768, 128)
-    reader = open_reader(path)
+    reader = gguf.GGUFReader(path)
     for key, value in (("attention.key_length", 128), ("attention.value_length", 128),
                        ("expert_feed_forward_length", 768), ("context_length", 40960), ("rope.freq_base", 1e6)):
         assert reader.get_field(f"qwen3moe.{key}").contents() == value, key
 
 
 def test_olmoe_cli_weights_are_finite_and_scaled(olmoe_q8):
-    reader = open_reader(olmoe_q8)
+    reader = gguf.GGUFReader(olmoe_q8)
     t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
     assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
     w = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -118,13 +118,14 @@ def _train_tokenizer(vocab_size: int) -> Any:
 
 def _gpt2_tokenizer(vocab_gguf: Path) -> Any:
     """The GPT-2 tokenizer rebuilt from a llama.cpp vocab-only GGUF (tokens and merges)."""
-    import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    fields = gguf.GGUFReader(vocab_gguf).fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    from allocmoe_edge.gguf_scan import scan
+
+    header = scan(vocab_gguf)
+    tokens = header.contents("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ")) for m in header.contents("tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
