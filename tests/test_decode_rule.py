@@ -146,7 +146,7 @@ def test_decode_mode_needs_thresholds_and_batch_files_are_unchanged(patched_runt
         stamp(path, tmp_path / "x.gguf", [plan_for_counts(info, [2, 1, 2])], k_max=3, token_mode="both")
     plain = stamp(path, tmp_path / "b.gguf", [plan_for_counts(info, [2, 1, 2])], k_max=3)
     assert plain.allocmoe["version"] == 1 and "token_mode" not in plain.allocmoe
-    with pytest.raises(AllocMoeError, match="decode thresholds"):
+    with pytest.raises(AllocMoeError, match="the decode rule, which needs the plan's thresholds"):
         llama_logits(plain.path, tokens_for(50000, n=8), LoadChoice(token_mode="decode"))
 
 

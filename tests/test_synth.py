@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.gguf_meta import read_info
+from allocmoe_edge.gguf_meta import read_header, read_info
 from allocmoe_edge.synth import SHAPES, is_synthetic, synthesize
 
 from .ggufs import write_fake_moe
@@ -20,8 +20,7 @@ SHAPE_PARAMS = [pytest.param(name, marks=[] if name == "olmoe-1b-7b" else [pytes
 
 
 def _dims(path, name: str) -> tuple[int, ...]:
-    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
-    return tuple(int(x) for x in tensor.shape)
+    return next(t.shape for t in read_header(path).tensors if t.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,7 @@ def test_shape_and_metadata(two_blocks, name):
     assert _dims(path, "token_embd.weight") == (s.n_embd, s.n_vocab)
     assert _dims(path, "blk.1.ffn_gate_exps.weight") == (s.n_embd, s.n_ff_exp, s.n_expert)
     assert _dims(path, "blk.1.ffn_down_exps.weight") == (s.n_ff_exp, s.n_embd, s.n_expert)
-    reader = gguf.GGUFReader(path)
-    assert len(reader.get_field("tokenizer.ggml.tokens").data) == s.n_vocab
+    assert read_header(path).fields["tokenizer.ggml.tokens"].value.count == s.n_vocab
     if s.n_ff_shexp:
         assert _dims(path, "blk.1.ffn_up_shexp.weight") == (s.n_embd, s.n_ff_shexp)
     if s.n_dense_lead:
@@ -70,10 +68,10 @@ def test_qwen3_moe_attention_is_wider_than_the_embedding(two_blocks):
     assert _dims(path, "blk.0.attn_k.weight") == (2048, 4 * 128)
     assert _dims(path, "blk.0.attn_q_norm.weight") == _dims(path, "blk.0.attn_k_norm.weight") == (128,)
     assert _dims(path, "blk.1.ffn_up_exps.weight") == (2048, 768, 128)
-    reader = gguf.GGUFReader(path)
+    header = read_header(path)
     for key, value in (("attention.key_length", 128), ("attention.value_length", 128),
                        ("expert_feed_forward_length", 768), ("context_length", 40960), ("rope.freq_base", 1e6)):
-        assert reader.get_field(f"qwen3moe.{key}").contents() == value, key
+        assert header.get(f"qwen3moe.{key}") == value, key
 
 
 def test_olmoe_cli_weights_are_finite_and_scaled(olmoe_q8):
