@@ -99,7 +99,8 @@ _ARRAY_TYPES: dict[str, type] = {"layer_expert_counts": int, "token_thresholds":
 
 
 def _typed(value: Any, kind: type) -> bool:
-    """Whether a GGUF value read by gguf-py is of the Python type ``kind`` (an int is a float, a bool is no int)."""
+    """Whether a GGUF value as `read_info` decodes it is of the Python type ``kind`` (an int is a float,
+    a bool is no int)."""
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)
     return isinstance(value, (int, float) if kind is float else kind)

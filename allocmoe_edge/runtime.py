@@ -351,7 +351,6 @@ def layer_counts(llm: Any) -> list[int]:
     return [int(fn(model, i)) for i in range(n_layer)]
 
 
-PLAN_MODEL, PLAN_FULL = -2, -1  # llama_allocmoe_set_plan: the plan chosen at load / full budget
 PER_CONTEXT_PLAN_VERSION = 5  # llama_allocmoe_version() from which a context chooses its plan
 
 
@@ -361,26 +360,26 @@ def context_plan(choice: LoadChoice) -> int:
     if choice.uniform_k is not None or choice.token_k_max is not None or choice.token_mode is not None:
         raise AllocMoeError("uniform top-k, token_k_max and token_mode are chosen when the model is loaded; "
                             "a context chooses a stored plan or full budget")
+    llama_cpp = llama_cpp_module()
     if choice.full_budget:
-        return PLAN_FULL
-    return PLAN_MODEL if choice.plan_index is None else choice.plan_index
+        return llama_cpp.LLAMA_ALLOCMOE_PLAN_FULL
+    return llama_cpp.LLAMA_ALLOCMOE_PLAN_MODEL if choice.plan_index is None else choice.plan_index
 
 
 def set_context_plan(ctx: Any, choice: LoadChoice) -> None:
     """Run ``choice`` in the llama.cpp context ``ctx`` from its next decode, without reloading the
     weights: every context of one loaded model may run another stored plan (its graph is rebuilt
-    for the plan). Tokens already in the context's KV cache were computed under the previous plan."""
+    for the plan). Tokens already in the context's KV cache were computed under the previous plan.
+    Calls the function as the patched bindings declare it (patches/bindings/0002)."""
+    llama_cpp = llama_cpp_module()
     version = patch_version()
-    if version is None or version < PER_CONTEXT_PLAN_VERSION:
+    if version is None or version < PER_CONTEXT_PLAN_VERSION or not hasattr(llama_cpp, "LLAMA_ALLOCMOE_PLAN_MODEL"):
         raise AllocMoeError("choosing a plan per context needs the patched runtime of series "
                             f"{PER_CONTEXT_PLAN_VERSION} or later; run `allocmoe build-runtime`")
-    lib = llama_cpp_module().llama_cpp._lib
-    lib.llama_allocmoe_set_plan.restype = ctypes.c_int32
-    lib.llama_allocmoe_set_plan.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     _install_log()
     _LOG.loading = []
     try:
-        if lib.llama_allocmoe_set_plan(ctx, context_plan(choice)) != 0:
+        if llama_cpp.llama_allocmoe_set_plan(ctx, context_plan(choice)) != 0:
             reason = _LOG.loading[0] if _LOG.loading else "see llama.cpp's log"
             raise AllocMoeError(f"llama.cpp cannot run this plan: {reason.split('allocmoe: ', 1)[-1]}")
     finally:
