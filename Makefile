@@ -1,16 +1,21 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - venv, patched runtime, then the whole pipeline on the bundled model
 #   make test   - venv, patched runtime, then ruff and the test suite
+# Every pip they run (and pip's build environments, e.g. llama-cpp-python's scikit-build-core) installs
+# the exact versions of requirements.lock; `make lock` refreshes it and prints the diff.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.allocmoe-installed
+LOCK   := requirements.lock
+export PIP_CONSTRAINT       := $(CURDIR)/$(LOCK)
+export PIP_BUILD_CONSTRAINT := $(CURDIR)/$(LOCK)
 
-.PHONY: venv runtime demo test clean-venv
+.PHONY: venv runtime demo test lock clean-venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build
@@ -28,6 +33,9 @@ demo: runtime
 test: runtime
 	$(BIN)/ruff check .
 	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra
+
+lock:
+	$(PYTHON) scripts/lock.py
 
 clean-venv:
 	rm -rf $(VENV)

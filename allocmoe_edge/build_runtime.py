@@ -40,6 +40,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 PATCH_DIR = Path(__file__).resolve().parent / "patches"  # symlink to the repository's patches/
 BINDINGS_PATCH_DIR = PATCH_DIR / "bindings"  # against the sdist root (llama_cpp/*.py)
+# The sdist's own [project] dependencies and [build-system] requires; requirements.lock pins both
+BINDINGS_DEPENDENCIES = ("typing-extensions>=4.5.0", "numpy>=1.20.0", "diskcache>=5.6.1", "jinja2>=2.11.3")
+BINDINGS_BUILD_REQUIRES = ("scikit-build-core[pyproject]>=0.9.2",)
 
 
 @dataclass(frozen=True)
@@ -288,8 +291,7 @@ def install_wheel(wheel: Path, log=print) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AllocMoeError(f"pip could not install {wheel.name}:\n{proc.stderr[-2000:]}")
-    deps = [sys.executable, "-m", "pip", "install", "typing-extensions>=4.5", "numpy>=1.20", "diskcache>=5.6.1",
-            "jinja2>=2.11.3"]
+    deps = [sys.executable, "-m", "pip", "install", *BINDINGS_DEPENDENCIES]
     subprocess.run(deps, capture_output=True, text=True, check=True)
     log(f"installed {wheel.name}")
 
