@@ -10,10 +10,11 @@ copied as is and laid out for the copy's ``general.alignment``.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -226,6 +227,24 @@ def _pad(out: BinaryIO, alignment: int) -> None:
     out.write(b"\0" * (-out.tell() % alignment))
 
 
+def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The ranges [a, b) of [start, end) that hold data: a sparse file's holes (zeros when read) are left
+    out; where the file system cannot tell, all of it."""
+    at = start
+    while at < end:
+        try:
+            a = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as e:  # ENXIO: no data from ``at`` to the end of the file; else unsupported
+            if e.errno != errno.ENXIO:
+                yield at, end
+            return
+        if a >= end:
+            return
+        b = min(os.lseek(fd, a, os.SEEK_HOLE), end)
+        yield a, b
+        at = b
+
+
 def copy_with_fields(header: GgufHeader, out: BinaryIO, keep: Callable[[str], bool], added: list[bytes],
                      alignment: int, progress: Callable[[int, int], None] | None = None) -> None:
     """Write a copy of ``header``'s file to ``out``: the entries ``keep`` accepts byte for byte, then
@@ -250,8 +269,14 @@ def copy_with_fields(header: GgufHeader, out: BinaryIO, keep: Callable[[str], bo
         for t in header.tensors:
             _pad(out, alignment)
             start = header.data_start + t.offset
-            for at in range(start, start + t.n_bytes, _CHUNK):
-                out.write(src[at:min(at + _CHUNK, start + t.n_bytes)])
+            at = start
+            for a, b in _data_extents(f.fileno(), start, start + t.n_bytes):  # a sparse input stays sparse
+                out.seek(a - at, os.SEEK_CUR)
+                for piece in range(a, b, _CHUNK):
+                    out.write(src[piece:min(piece + _CHUNK, b)])
+                at = b
+            out.seek(start + t.n_bytes - at, os.SEEK_CUR)
             done += t.n_bytes
             if progress:
                 progress(done, total)
+        out.truncate()  # the length reaches the end of a last tensor that was a hole

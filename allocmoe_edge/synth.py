@@ -251,6 +251,19 @@ class _RandomQuant:
             blocks.tofile(f)
 
 
+class _Hole:
+    """A tensor's bytes left unwritten: the writer seeks past them, so the file holds a hole (sparse on
+    disk, zeros when read). For llama.cpp's metadata-only loads (`reserve.measure`), which read no weight."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def tofile(self, f: BinaryIO) -> None:
+        if self.nbytes:
+            f.seek(self.nbytes - 1, os.SEEK_CUR)
+            f.write(b"\0")  # the file's length reaches the tensor's end even when it is the last one
+
+
 def _f32(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
     shape = tuple(reversed(spec.dims))
     if spec.kind == "norm":
@@ -260,8 +273,11 @@ def _f32(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesize(shape_name: str, qtype: str, output: str | os.PathLike[str], n_layer: int | None = None,
-               seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a synthetic GGUF of ``shape_name`` with ``qtype`` weights to ``output`` (atomically)."""
+               seed: int = 0, progress: Callable[[int, int], None] | None = None, weights: bool = True) -> Path:
+    """Write a synthetic GGUF of ``shape_name`` with ``qtype`` weights to ``output`` (atomically).
+
+    ``weights=False`` leaves the quantized weights unwritten (a sparse file of the full size whose weights
+    read as zeros): enough for metadata-only loads, not for running the model."""
     import gguf
 
     if shape_name not in SHAPES:
@@ -275,7 +291,8 @@ def synthesize(shape_name: str, qtype: str, output: str | os.PathLike[str], n_la
     gtype = gguf.GGMLQuantizationType.Q4_0 if qtype == "q4_0" else gguf.GGMLQuantizationType.Q8_0
     rng = np.random.default_rng(seed)
     specs = tensor_specs(shape, n_layer)
-    data: list[Any] = [_RandomQuant(s.dims, gtype, rng) if s.kind == "weight" else _f32(s, rng) for s in specs]
+    data: list[Any] = [(_RandomQuant(s.dims, gtype, rng) if weights else _Hole(_RandomQuant(s.dims, gtype, rng).nbytes))
+                       if s.kind == "weight" else _f32(s, rng) for s in specs]
     total = sum(int(d.nbytes) for d in data)
     out = Path(output)
     with atomic_output(out) as tmp:

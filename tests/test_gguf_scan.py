@@ -109,3 +109,25 @@ def test_damaged_files_are_clean_errors(tmp_path):
             scan(bad)
     with pytest.raises(AllocMoeError, match="no such file"):
         scan(tmp_path / "missing.gguf")
+
+
+def test_a_sparse_file_copies_sparse_and_equal(tmp_path):
+    """synth --no-weights writes holes for the weights; a copy with new metadata keeps them holes (a 30B
+    shape stamps in a second) and reads back equal, tensor data and the length of a trailing hole included."""
+    from allocmoe_edge.gguf_meta import copy_with_metadata
+    from allocmoe_edge.synth import synthesize
+
+    src = synthesize("olmoe-1b-7b", "q4_0", tmp_path / "sparse.gguf", n_layer=2, weights=False)
+    dense = src.stat().st_size
+    assert src.stat().st_blocks * 512 < dense // 20  # mostly holes
+    out = tmp_path / "copy.gguf"
+    copy_with_metadata(src, out, {"allocmoe.test": (7, gguf.GGUFValueType.UINT32, None)}, drop=lambda key: False)
+    assert out.stat().st_blocks * 512 < dense // 20
+    a, b = scan(src), scan(out)
+    assert out.stat().st_size == b.data_start + b.tensors[-1].offset + b.tensors[-1].n_bytes
+    with open(src, "rb") as f, open(out, "rb") as g:
+        for ta, tb in zip(a.tensors, b.tensors):
+            f.seek(a.data_start + ta.offset)
+            g.seek(b.data_start + tb.offset)
+            assert f.read(ta.n_bytes) == g.read(tb.n_bytes), ta.name
+    assert b.fields["allocmoe.test"].value == 7
