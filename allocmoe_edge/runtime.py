@@ -143,14 +143,14 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
         kv = {k: v for k, v in kv.items() if not k.startswith(Keys.PREFIX)}
     if _alloc_t_on_gpu(info, kv, llama_kwargs.get("n_gpu_layers", 0)) and not os.environ.get(GPU_ALLOC_T_ENV):
         warnings.warn(f"Alloc-T is off for GPU-offloaded layers: it aborted with a CUDA error on an H200 (repeated "
-                      "experts in mul_mat_id's ids), and the fix (patch 0002: distinct experts per ids column) and the "
-                      "decode rule's skipped ids (patch 0004) have not run on a GPU yet (scripts/gpu_check.sh checks "
+                      "experts in mul_mat_id's ids), and the fix (patch 0005: distinct experts per ids column) and the "
+                      "decode rule's skipped ids (patch 0002) have not run on a GPU yet (scripts/gpu_check.sh checks "
                       f"them); per-layer counts still apply (set {GPU_ALLOC_T_ENV}=1 to run Alloc-T there)",
                       stacklevel=2)
         kv[Keys.TOKEN_K_MAX] = 0
     llama_kwargs.update(_cpu_moe_kwargs(info, cpu_moe, n_cpu_moe))
     llama_kwargs.setdefault("n_ctx", 512)
-    _install_log()
+    install_log()
     _LOG.loading = []
     try:
         return llama_cpp.Llama(model_path=str(path), kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
@@ -311,44 +311,46 @@ _LOG = _LogState()
 _GGML_LOG_LEVEL_ERROR = 4
 
 
-def _install_log() -> None:
-    """Route llama.cpp's log through llama-cpp-python's logger, except error lines.
+def forward_log(level: int, text: bytes, user_data: Any) -> None:
+    """Route one llama.cpp log line through llama-cpp-python's logger, except error lines.
 
     llama-cpp-python maps ggml's ERROR level to DEBUG, so without ``verbose`` it hides
     the reason of a failed load and the text of a CUDA error before an abort. Error lines
     are kept for the load error's message while loading, and written to stderr otherwise.
     """
-    if _LOG.callback is not None:
-        return
     import logging
     import sys
 
-    llama_cpp = llama_cpp_module()
     from llama_cpp import _logger
 
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
-        error = level == _GGML_LOG_LEVEL_ERROR
-        if error and _LOG.loading is not None:
-            _LOG.loading.append(text.decode("utf-8", errors="replace").strip())
-        if not error or _logger.logger.isEnabledFor(logging.DEBUG):
-            _logger.llama_log_callback(level, text, user_data)
-        elif _LOG.loading is None:
-            print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+    error = level == _GGML_LOG_LEVEL_ERROR
+    if error and _LOG.loading is not None:
+        _LOG.loading.append(text.decode("utf-8", errors="replace").strip())
+    if not error or _logger.logger.isEnabledFor(logging.DEBUG):
+        _logger.llama_log_callback(level, text, user_data)
+    elif _LOG.loading is None:
+        print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
 
-    _LOG.callback = callback  # ctypes callbacks must outlive their registration
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+def install_log(force: bool = False) -> None:
+    """Make `forward_log` llama.cpp's log callback (once; again with ``force``, after another was set)."""
+    llama_cpp = llama_cpp_module()
+    if _LOG.callback is None:
+        _LOG.callback = llama_cpp.llama_log_callback(forward_log)  # ctypes callbacks must outlive their registration
+    elif not force:
+        return
+    llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
 
 
 def layer_counts(llm: Any) -> list[int]:
-    """Routed experts per token that the loaded model executes at each block (patched library)."""
+    """Routed experts per token that ``llm``'s context executes at each block (patched library): the plan
+    it runs now, which `use_plan` may have changed since the load."""
     lib = llama_cpp_module().llama_cpp._lib
-    fn = lib.llama_model_allocmoe_layer_count
+    fn = lib.llama_allocmoe_layer_count
     fn.restype = ctypes.c_int32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-    model = llm._model.model
-    n_layer = llama_cpp_module().llama_model_n_layer(model)
-    return [int(fn(model, i)) for i in range(n_layer)]
+    n_layer = llama_cpp_module().llama_model_n_layer(llm._model.model)
+    return [int(fn(llm._ctx.ctx, i)) for i in range(n_layer)]
 
 
 PER_CONTEXT_PLAN_VERSION = 5  # llama_allocmoe_version() from which a context chooses its plan
@@ -376,7 +378,7 @@ def set_context_plan(ctx: Any, choice: LoadChoice) -> None:
     if version is None or version < PER_CONTEXT_PLAN_VERSION or not hasattr(llama_cpp, "LLAMA_ALLOCMOE_PLAN_MODEL"):
         raise AllocMoeError("choosing a plan per context needs the patched runtime of series "
                             f"{PER_CONTEXT_PLAN_VERSION} or later; run `allocmoe build-runtime`")
-    _install_log()
+    install_log()
     _LOG.loading = []
     try:
         if llama_cpp.llama_allocmoe_set_plan(ctx, context_plan(choice)) != 0:

@@ -1,4 +1,4 @@
-"""A budget per context without reloading the weights (patch 0006, `runtime.set_context_plan` /
+"""A budget per context without reloading the weights (patch 0004, `runtime.set_context_plan` /
 `runtime.use_plan`): several contexts of one loaded model at different plans give each plan's
 logits bit for bit, as separate loads of each plan do."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
-from allocmoe_edge.runtime import LoadChoice, load, set_context_plan, use_plan
+from allocmoe_edge.runtime import LoadChoice, layer_counts, load, set_context_plan, use_plan
 
 from .llama_logits import tokens_for
 
@@ -65,9 +65,15 @@ def test_use_plan_switches_a_loaded_llama_between_requests(patched_runtime, two_
     llm = load(two_plans.path, logits_all=True)
     try:
         llm.eval(tokens)  # plan 0 first: the switch must not reuse these tokens
+        assert layer_counts(llm) == PLANS[0]
         use_plan(llm, LoadChoice(plan_index=1))
+        assert layer_counts(llm) == PLANS[1]  # the context's plan, not the one chosen at load
         llm.eval(tokens)
         assert np.array_equal(np.array(llm.scores[: len(tokens)]), expected)
+        use_plan(llm, LoadChoice(full_budget=True))
+        assert layer_counts(llm) == [3, 3, 3]
+        use_plan(llm, LoadChoice())
+        assert layer_counts(llm) == PLANS[0]
         with pytest.raises(AllocMoeError, match="plan 5 does not exist"):
             use_plan(llm, LoadChoice(plan_index=5))
         with pytest.raises(AllocMoeError, match="chosen when the model is loaded"):

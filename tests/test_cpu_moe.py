@@ -109,7 +109,7 @@ class _StockLlama:
 def _stock_bindings(monkeypatch) -> None:
     stock = types.SimpleNamespace(Llama=_StockLlama, llama_supports_gpu_offload=lambda: False)
     monkeypatch.setattr(runtime, "llama_cpp_module", lambda: stock)
-    monkeypatch.setattr(runtime, "_install_log", lambda: None)
+    monkeypatch.setattr(runtime, "install_log", lambda force=False: None)
 
 
 def test_stock_bindings_load_without_the_flags_and_refuse_them(moe_file, monkeypatch):

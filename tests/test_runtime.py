@@ -156,7 +156,7 @@ def test_error_lines_reach_stderr_outside_loads(patched_runtime, capfd):
     """llama-cpp-python hides ggml ERROR lines (as DEBUG); a CUDA error's text must still show."""
     from allocmoe_edge import runtime
 
-    runtime._install_log()
+    runtime.install_log()
     runtime._LOG.callback(4, b"CUDA error: an illegal memory access\n", None)
     assert "CUDA error: an illegal memory access" in capfd.readouterr().err
     runtime._LOG.loading = []
