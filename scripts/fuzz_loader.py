@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import signal
 import subprocess
@@ -49,6 +50,7 @@ from allocmoe_edge.gguf_meta import (
 T = gguf.GGUFValueType
 Field = tuple[Any, Any, Any]  # (value, GGUFValueType, sub_type or None)
 U32_MAX = 2**32 - 1
+MAX_THRESHOLD = 1e6  # the largest |threshold| of a layer that runs the decode rule (LLAMA_ALLOCMOE_MAX_THRESHOLD)
 
 
 @dataclass
@@ -164,6 +166,24 @@ def catalogue(info: GgufModelInfo) -> list[Case]:
         out.append(Case(f"kmax={v}", {kmax: u32(v)}))
     for lo, hi, c in ((3, 2, c0), (E, 1, c0), (2, 2, [2] * L), (E, E, [E] * L), (2, 1, [1] * L), (1, E, c0)):
         out.append(Case(f"kmin={lo},kmax={hi},counts={c}", {kmin: u32(lo), kmax: u32(hi), counts: arr(c, T.UINT32)}))
+    # decode thresholds (the default plan's, and plan 1's selected): finite within +-1e6 where a layer runs the
+    # decode rule (k_min < k < k_max), anything but NaN at the ends; block 1 of c0 is ruled, block 0 (k = 1) not
+    thr, t1 = Keys.TOKEN_THRESHOLDS, Keys.PLAN_TOKEN_THRESHOLDS.format(index=1)
+    for key, ov, good in ((thr, None, c0), (t1, 1, c1)):
+        ruled = next(b for b, k in enumerate(good) if 1 < k < k_max)
+        end = next(b for b, k in enumerate(good) if k == 1)
+        for name, pos, v in (("finite", None, 0.1), ("inf", ruled, math.inf), ("-inf", ruled, -math.inf),
+                             ("1e30", ruled, 1e30), ("1e6", ruled, 1e6), ("2e6", ruled, 2e6), ("nan", ruled, math.nan),
+                             ("inf_end", end, math.inf), ("-inf_end", end, -math.inf), ("nan_end", end, math.nan)):
+            vals = [0.1] * L
+            if pos is not None:
+                vals[pos] = v
+            tag = "" if ov is None else "+sel1"
+            out.append(Case(f"thr:{key}[{pos}]={name}{tag}", {key: arr(vals, T.FLOAT32)}, override=ov))
+        inf_from_ruled = arr([0.1] * ruled + [math.inf] * (L - ruled), T.FLOAT32)
+        out.append(Case(f"thr:{key}[{ruled}]=inf,kmax=0", {key: inf_from_ruled, kmax: u32(0)}, override=ov))
+        out.append(Case(f"thr:{key}=len{L - 1}", {key: arr([0.1] * (L - 1), T.FLOAT32)}, override=ov))
+        out.append(Case(f"thr:{key}=f64", {key: arr([0.1] * L, T.FLOAT64)}, override=ov))
     # version and enabled
     for v in (0, 2, 3, 2**31, U32_MAX):
         out.append(Case(f"version={v}", {Keys.VERSION: u32(v)}))
@@ -270,9 +290,21 @@ def expected(case: Case, info: GgufModelInfo, base: dict[str, Field]) -> list[in
         k_max = scalar(Keys.TOKEN_K_MAX, T.UINT32, 0)
         if not 1 <= k_min <= E or k_max > E or any(k < k_min or (k_max and k > k_max) for k in v):
             return None
+        thr_key = Keys.TOKEN_THRESHOLDS if index is None else Keys.PLAN_TOKEN_THRESHOLDS.format(index=index)
+        if thr_key in kv and not _thresholds_ok(kv[thr_key], v, L, k_min, k_max):
+            return None
         return list(v)
     except _Fail:
         return None
+
+
+def _thresholds_ok(field: Field, counts: list[int], n_block: int, k_min: int, k_max: int) -> bool:
+    """The loader's rule: f32[n_block], no NaN, finite within +-1e6 at blocks that run the decode rule."""
+    taus, vtype, sub = field
+    if vtype != T.ARRAY or sub != T.FLOAT32 or len(taus) != n_block:
+        return False
+    return not any(math.isnan(t) or (k_max and k_min < k < k_max and not abs(t) <= MAX_THRESHOLD)
+                   for k, t in zip(counts, taus))
 
 
 class _Writer(gguf.GGUFWriter):
