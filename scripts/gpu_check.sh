@@ -2,7 +2,7 @@
 # The device check: one prepared run on the GPU machine (an H200, 16 cores, no network) in under
 # 10 minutes. Here: `python scripts/device_carry.py` lays out .carry/; there, with .carry carried:
 #     bash scripts/gpu_check.sh OUT
-# Steps (STEPS="lib synth diag tests bench" by default; each under its own time limit):
+# Steps (STEPS="lib synth diag tests mem bench" by default; each under its own time limit):
 #   lib    the CUDA (sm_90) libllama of the patched tree through `allocmoe build-runtime --library-only`,
 #          cached by sdist, patch series and options: a carried or earlier build is reused, not rebuilt
 #   synth  (background) DeepSeek-V2-Lite (27 blocks) and Qwen3-30B-A3B ($QWEN3_LAYERS blocks) in q4_0,
@@ -14,6 +14,7 @@
 #   tests  with every layer offloaded: llama.cpp against transformers (per-layer counts, Alloc-T's batch and
 #          decode rules, ids packing) and tests/test_gpu.py (GPU against CPU on the same ubatch: batch rule,
 #          decode rule through mmvq and mmq with skipped ids; splits, CUDA graphs, --cpu-moe)
+#   mem    the compute buffers a context reserves (CUDA0, CUDA_Host) with and without Alloc-T, ubatch 512 / 2048
 #   bench  `allocmoe bench --latency` (pp512, pp2048, tg128, 5 interleaved reps): DeepSeek-V2-Lite fully
 #          offloaded; Qwen3-30B-A3B with its routed experts in system memory (--cpu-moe); graph nodes
 #          per decoded token (the kernels a launch-bound decode pays for)
@@ -27,7 +28,7 @@ OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 C=$REPO/.carry
 WORK=${WORK:-/tmp/allocmoe-gpu}
-STEPS=${STEPS:-lib synth diag tests bench}
+STEPS=${STEPS:-lib synth diag tests mem bench}
 QWEN3_LAYERS=${QWEN3_LAYERS:-24}
 NGL=${NGL:-99}
 LIB=${LIB:-}
@@ -97,7 +98,7 @@ if has lib && [[ -z $LIB ]]; then
     tail -2 "$LOGS/lib.log" | tee -a "$SUMMARY"
     [[ $rc -eq 0 ]] || { say "lib: FAILED (rc $rc)"; tail -30 "$LOGS/lib.log" >>"$SUMMARY"; exit 1; }
 fi
-if has synth || has diag || has tests || has bench; then
+if has synth || has diag || has tests || has mem || has bench; then
     LIB=${LIB:-$(tail -1 "$LOGS/lib.out" 2>/dev/null)}
     [[ -f $LIB/libllama.so ]] || { say "no library (run the lib step or set LIB)"; exit 1; }
     export LLAMA_CPP_LIB_PATH=$LIB PYTHONPATH="$WORK/site:$PYTHONPATH"
@@ -120,11 +121,19 @@ if has diag && [[ -f $C/gpu-diag/diag.sh ]]; then
     diag_pid=$!
 fi
 if has tests; then
-    say "tests: started (all layers offloaded)"
-    ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 300 230)" "$PY" -m pytest -q -p no:cacheprovider -ra \
-        tests/test_gpu.py tests/test_alloc_t.py tests/test_decode_rule.py "tests/test_runtime.py::test_per_layer_counts_match_transformers" \
+    # CUDA_LAUNCH_BLOCKING: a fault names its kernel. test_gpu.py holds the decode rule over a 512-token ubatch
+    # fully offloaded (mmq / mmf with skipped ids) and over 64- and 512-token ubatches with --cpu-moe (the
+    # scheduler's host-side copy of the used experts); those run once more without CUDA graphs
+    say "tests: started (all layers offloaded, CUDA_LAUNCH_BLOCKING=1)"
+    CUDA_LAUNCH_BLOCKING=1 ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 300 260)" "$PY" -m pytest -q \
+        -p no:cacheprovider -ra tests/test_gpu.py tests/test_alloc_t.py tests/test_decode_rule.py \
+        "tests/test_runtime.py::test_per_layer_counts_match_transformers" \
         "tests/test_runtime.py::test_full_budget_paths_are_bitwise_identical" >"$OUT/tests.log" 2>&1
     say "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
+    say "tests: the decode-rule ones again with GGML_CUDA_DISABLE_GRAPHS=1"
+    GGML_CUDA_DISABLE_GRAPHS=1 CUDA_LAUNCH_BLOCKING=1 ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 90 230)" "$PY" -m pytest -q \
+        -p no:cacheprovider -ra tests/test_gpu.py -k "decode_rule" >>"$OUT/tests.log" 2>&1
+    say "tests (no CUDA graphs): exit $? ($(tail -1 "$OUT/tests.log"))"
 fi
 if [[ -n $diag_pid ]]; then
     wait "$diag_pid"
@@ -144,6 +153,20 @@ bench() {  # name model budgets seconds reserved [bench options...]
         "$@" >"$OUT/bench-$name.md" 2>"$LOGS/bench-$name.log"
     say "bench $name: exit $?"
 }
+if has mem && [[ -f $DSV2 ]]; then
+    say "mem: compute buffers reserved with and without Alloc-T (plan 50 %, all layers offloaded)"
+    ALLOCMOE_GPU_ALLOC_T=1 timeout "$(cap 60 180)" "$PY" - "$DSV2" "$NGL" <<'EOF' 2>>"$LOGS/mem.log" | tee -a "$SUMMARY"
+import sys
+from allocmoe_edge.reserve import measure
+from allocmoe_edge.runtime import LoadChoice
+for ubatch in (512, 2048):
+    with_t, without = (measure(sys.argv[1], LoadChoice(plan_index=1, token_k_max=k), n_ubatch=ubatch,
+                               n_gpu_layers=int(sys.argv[2])) for k in (None, 0))
+    mib = lambda r: ", ".join(f"{name} {v:.1f}" for name, v in r.compute_mib.items())
+    print(f"  ubatch {ubatch}: with Alloc-T {mib(with_t)} MiB; without {mib(without)} MiB "
+          f"(+{100 * (with_t.total_mib / without.total_mib - 1):.1f} %)")
+EOF
+fi
 if has bench; then
     bench dsv2lite-gpu "$DSV2" 1,0.75,0.5,0.25 170 130
     bench qwen3-hybrid "$QWEN3" 1,0.5 150 30 --cpu-moe -t 16

@@ -40,12 +40,12 @@ def dsv2_tiny(tmp_path_factory):
     return info
 
 
-def _probe(info, ngl: int, tokens: list[int], alloc_t: bool, token_mode: str | None = None):
+def _probe(info, ngl: int, tokens: list[int], alloc_t: bool, token_mode: str | None = None, cpu_moe: bool = False):
     from allocmoe_edge.graph_probe import moe_activations
 
     choice = LoadChoice(plan_index=1, token_k_max=None if alloc_t else 0, token_mode=token_mode)  # plan 1: 50 %
     llm = load(info.path, choice, info=info, n_gpu_layers=ngl, n_ctx=len(tokens), n_batch=len(tokens),
-               n_ubatch=len(tokens))
+               n_ubatch=len(tokens), cpu_moe=cpu_moe)
     try:
         return moe_activations(llm, tokens)
     finally:
@@ -83,6 +83,22 @@ def test_decode_rule_gpu_matches_cpu(gpu, dsv2_tiny, monkeypatch, T):
     for layer, a in acts_gpu.items():
         assert (a["ids"] < 0).any() or T == 1  # candidates were dropped
         assert abs(a["active"] - acts_cpu[layer]["active"]) <= max(1, 0.01 * a["active"]), (layer, a, acts_cpu[layer])
+
+
+@pytest.mark.parametrize("T", [64, 512])
+def test_cpu_moe_decode_rule_matches_cpu(gpu, dsv2_tiny, monkeypatch, T):
+    """Routed experts in system memory (--cpu-moe) and the decode rule on a T-token ubatch: the GPU runs
+    mul_mat_id on experts the scheduler copies from host memory, only the used ones, reading the ids on the
+    host; it must skip the -1 ids (it asserted on them) and still match the CPU."""
+    monkeypatch.setenv("ALLOCMOE_GPU_ALLOC_T", "1")
+    tokens = np.random.default_rng(T + 1).integers(3, 102400, T).tolist()
+    _, cpu = _probe(dsv2_tiny, 0, tokens, alloc_t=True, token_mode="decode")
+    acts, got = _probe(dsv2_tiny, 99, tokens, alloc_t=True, token_mode="decode", cpu_moe=True)
+    assert np.isfinite(got).all()
+    assert any((a["ids"] < 0).any() for a in acts.values())  # the scheduler saw skipped ids
+    top1 = float(np.mean(got.argmax(axis=1) == cpu.argmax(axis=1)))
+    nmse = float(((got - cpu) ** 2).sum() / (cpu ** 2).sum())
+    assert top1 >= TOP1_MIN and nmse < 1e-2, f"T={T}: top-1 agreement {top1:.4f}, NMSE {nmse:.2e}"
 
 
 def _graph_log(capfd, info, alloc_t: bool) -> str:
