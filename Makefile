@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - venv, patched runtime, then the whole pipeline on the bundled model
-#   make test   - venv, patched runtime, then ruff and the test suite
+#   make test   - venv, patched runtime, then ruff and the test suite (all tiers; what CI runs)
+#   make test-fast - venv, ruff and the tests not marked slow: no builds, no trainings, ~2 minutes (no runtime needed)
 # Every pip they run (and pip's build environments, e.g. llama-cpp-python's scikit-build-core) installs
 # the exact versions of requirements.lock; `make lock` refreshes it and prints the diff.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ LOCK   := requirements.lock
 export PIP_CONSTRAINT       := $(CURDIR)/$(LOCK)
 export PIP_BUILD_CONSTRAINT := $(CURDIR)/$(LOCK)
 
-.PHONY: venv runtime demo test lock clean-venv
+.PHONY: venv runtime demo test test-fast lock clean-venv
 
 venv: $(STAMP)
 
@@ -32,7 +33,11 @@ demo: runtime
 
 test: runtime
 	$(BIN)/ruff check .
-	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra
+	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra --durations=15
+
+test-fast: venv
+	$(BIN)/ruff check .
+	ALLOCMOE_REQUIRE_RUNTIME=0 $(BIN)/python -m pytest -q -ra -m "not slow" --durations=10
 
 lock:
 	$(PYTHON) scripts/lock.py

@@ -19,7 +19,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .build_runtime import (
@@ -48,7 +48,7 @@ def llama_patch_hash() -> str:
 
 def library_key(opts: BuildOptions) -> str:
     """Cache key of a library build: sdist, llama.cpp patches, options and machine (no Python version)."""
-    parts = {"sdist": SDIST_SHA256, "patches": llama_patch_hash(), "options": opts.key_fields(),
+    parts = {"sdist": SDIST_SHA256, "patches": llama_patch_hash(), "options": asdict(opts),
              "machine": platform.machine()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -127,7 +127,7 @@ def _cached_build(opts: BuildOptions, kind: str, targets: tuple[str, ...], sourc
         for built in (build / "bin").iterdir():  # the targets and the shared libraries they load
             shutil.copy2(built, staging / "bin" / built.name, follow_symlinks=False)
         (staging / "build.json").write_text(json.dumps({"key": key, "patch_sha256": llama_patch_hash(),
-                                                        "options": opts.key_fields(), "targets": list(targets)},
+                                                        "options": asdict(opts), "targets": list(targets)},
                                                        indent=2) + "\n")
         shutil.rmtree(dest.parent, ignore_errors=True)
         os.replace(staging, dest.parent)

@@ -56,14 +56,6 @@ class BuildOptions:
     cuda_fa: bool = True  # compile CUDA flash-attention kernels (off: a much faster build, FA unsupported)
     rpc: bool = False  # ggml's RPC backend (GGML_RPC=ON): offload layers to llama.cpp rpc-servers
 
-    def key_fields(self) -> dict[str, object]:
-        """The options as cache keys record them: ``rpc`` only when on, so that the keys of builds
-        cached before the option existed stay valid."""
-        fields = asdict(self)
-        if not self.rpc:
-            del fields["rpc"]
-        return fields
-
     def cmake_args(self) -> list[str]:
         """CMAKE_ARGS for llama-cpp-python's scikit-build-core build."""
         args = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
@@ -126,7 +118,7 @@ def cache_key(opts: BuildOptions) -> str:
     parts = {
         "sdist": SDIST_SHA256,
         "patches": patch_hash(),
-        "options": opts.key_fields(),
+        "options": asdict(opts),
         "cmake_args": opts.cmake_args(),
         "python": f"{sys.implementation.name}{sys.version_info.major}{sys.version_info.minor}",
         "machine": platform.machine(),
@@ -276,7 +268,7 @@ def build_wheel(opts: BuildOptions, log=print) -> Path:
         shutil.copy2(built[0], staging / built[0].name)
         meta = {"key": key, "sdist_sha256": SDIST_SHA256, "patch_sha256": patch_hash(),
                 "patches": [p.relative_to(PATCH_DIR).as_posix() for p in all_patch_files()],
-                "options": opts.key_fields(), "cmake_args": opts.cmake_args()}
+                "options": asdict(opts), "cmake_args": opts.cmake_args()}
         (staging / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(staging, wheel_dir)
         log(f"cached {built[0].name} under {wheel_dir}")

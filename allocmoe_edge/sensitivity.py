@@ -5,16 +5,18 @@ JSON of this shape::
     {"format": "allocmoe-sensitivity", "version": 2, "complete": true,
      "model": {"architecture", "n_layer", "moe_layers", "n_expert", "k_orig"},
      "calibration": {...},                  # description of the calibration text
-     "mode": "isolated" | "deeper-top1",    # how S[l, k] was measured (see DESIGN.md)
+     "mode": "isolated" | "deeper-top1",    # how S[l, k] was measured (`profile`; below)
      "full": {"ppl": float, "nll": float},  # the full-budget model
      "layers": [{"layer": int, "ppl": [S at k=1..K], "kld": [...]}, ...],
      "cost": {"seconds": float, "layer_forwards": int},
      "routing": {"score": ..., "layers": [{"layer", "n_tokens", "quantiles"}, ...]}}  # version 2
 
 with one entry per MoE block (``layer`` is the block index) and K = k_orig values per
-metric. The routing statistics (`thresholds.LayerRouting`) calibrate Alloc-T's decode rule;
-version 1 files have none, so plans made from them run the batch rule only. A profile
-rewrites the file after each layer with ``"complete": false``, so it can resume.
+metric. ``mode``: ``isolated`` measures layer l at top-k with every other layer at its original
+top-k (the paper's definition); ``deeper-top1`` with the layers after l at top-1. The routing
+statistics (`thresholds.LayerRouting`) calibrate Alloc-T's decode rule; version 1 files have none,
+so plans made from them run the batch rule only. A profile rewrites the file after each layer with
+``"complete": false``, so it can resume.
 No torch here.
 """
 

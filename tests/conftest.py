@@ -1,5 +1,10 @@
 """Shared fixtures: the patched runtime (skip, or fail under ALLOCMOE_REQUIRE_RUNTIME=1) and
-tiny models converted to GGUF once per session."""
+tiny models converted to GGUF once per session.
+
+Tiers (markers in pyproject.toml): `make test-fast` runs ``-m "not slow"`` (no builds, no trainings,
+nothing over ~10 s); `make test` runs everything with ALLOCMOE_REQUIRE_RUNTIME=1. A test marked
+``runtime`` skips without the patched runtime (fails in CI), whether or not it asks for the
+``patched_runtime`` fixture; ``gpu`` tests skip through their own fixtures or skipif without CUDA."""
 
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ def _require_runtime() -> None:
         if os.environ.get("ALLOCMOE_REQUIRE_RUNTIME") == "1":
             pytest.fail(f"patched runtime required: {why}; run `allocmoe build-runtime`")
         pytest.skip(f"needs the patched runtime ({why})")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The ``runtime`` marker alone skips a test (or fails it in CI) without the patched runtime."""
+    if item.get_closest_marker("runtime") is not None:
+        _require_runtime()
 
 
 @pytest.fixture(scope="session")

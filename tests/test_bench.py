@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from allocmoe_edge.allocate import stamp_uniform_split
 from allocmoe_edge.bench import (
     BenchOptions,
     WeightTraffic,
@@ -25,7 +26,6 @@ from allocmoe_edge.bench import (
     decode_limits,
     measurements,
     placement,
-    stamp_uniform_split,
 )
 from allocmoe_edge.bench_worker import Worker, interleave
 from allocmoe_edge.benchstats import BASELINE, format_speedup, percentiles, speedup, summary
@@ -298,13 +298,36 @@ def test_worker_module_is_a_leaf():
 
 # ---------------------------------------------------------------- command line and plot
 
-def test_help_explains_the_protocol():
-    res = CliRunner().invoke(cli, ["bench", "--help"])
-    assert res.exit_code == 0
-    text = " ".join(res.output.split())
-    for words in ("--latency", "--cpu-moe", "--n-cpu-moe", "--max-loaded", "--reps", "interleaved", "(tie)",
-                  "-p N[,N...]", "time to first token", "p50/p90/p99"):
-        assert words in text, words
+def test_flags_reach_the_bench_and_a_failed_row_fails_the_command(tmp_path, monkeypatch):
+    """Every flag lands in BenchOptions (-p 0: no pp test), --json is written after each round and at
+    the end, and failed configurations give exit status 1 naming them."""
+    import allocmoe_edge.bench
+    import allocmoe_edge.presentation
+
+    calls, rounds = [], []
+
+    def fake_bench(model, opts, log, on_round=None):
+        calls.append(opts)
+        if on_round:
+            on_round({"complete": False, "failed": []})
+            rounds.append(json.loads(out.read_text()))
+        return {"backend": "CPU", "threads": 2, "plans_source": "stored", "commit": None, "complete": True,
+                "failed": ["uniform k=2"]}
+
+    monkeypatch.setattr(allocmoe_edge.bench, "bench", fake_bench)
+    monkeypatch.setattr(allocmoe_edge.presentation, "bench_tables", lambda result: "| table |")
+    model, out = write_fake_moe(tmp_path / "m.gguf"), tmp_path / "bench.json"
+    res = CliRunner().invoke(cli, ["bench", str(model), "--budgets", "1,0.5", "--reps", "3", "-p", "512,2048",
+                                   "-n", "0", "--latency", "-t", "2", "-ngl", "99", "--cpu-moe", "--n-cpu-moe", "2",
+                                   "-fa", "--timeout", "30", "--max-loaded", "1", "--json", str(out)])
+    assert calls == [BenchOptions(budgets=(1.0, 0.5), reps=3, prompts=(512, 2048), n_gen=0, latency=True, threads=2,
+                                  n_gpu_layers=99, cpu_moe=True, n_cpu_moe=2, flash_attn=True, timeout=30.0,
+                                  max_loaded=1)]
+    assert rounds == [{"complete": False, "failed": []}] and json.loads(out.read_text())["complete"] is True
+    assert res.exit_code == 1 and "| table |" in res.output
+    assert "1 configuration(s) failed: uniform k=2" in res.output
+    res = CliRunner().invoke(cli, ["bench", str(model), "-p", "0"])
+    assert calls[-1] == BenchOptions(prompts=()) and rounds == [rounds[0]]  # the defaults; no --json, no rounds
 
 
 @pytest.mark.parametrize("args, message", [

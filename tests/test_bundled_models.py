@@ -33,6 +33,7 @@ def test_bundled_model_is_what_its_card_says(name):
     assert tokenizer.bos_token_id is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(assets.MODELS))
 def test_transformers_perplexity_matches_the_card(name):
     assert heldout_ppl.torch_ppl(name) == pytest.approx(REFERENCE["models"][name]["transformers_f32"], rel=REL_TOL)

@@ -18,7 +18,8 @@ from allocmoe_edge import runtime
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import read_info
-from allocmoe_edge.runtime import EXPERT_TENSOR_REGEX, cpu_moe_overrides, expert_placement, load
+from allocmoe_edge.placement import EXPERT_TENSOR_REGEX, cpu_moe_overrides, expert_placement
+from allocmoe_edge.runtime import load
 
 from .llama_logits import llama_logits, tokens_for
 
@@ -89,13 +90,40 @@ def test_inspect_shows_the_placement(moe_file):
     assert out.exit_code == 2 and "-1 is not in the range x>=0" in out.output
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "inspect"])
-def test_help_says_what_the_flags_are_for(command):
-    out = CliRunner().invoke(cli, [command, "--help"])
-    assert out.exit_code == 0
-    text = " ".join(out.output.split())
-    assert "--cpu-moe" in text and "--n-cpu-moe N" in text
-    assert "system memory while -ngl offloads the rest" in text and "a budget saves the most" in text
+class _Loaded(Exception):
+    """Raised by a stand-in load once it has seen its arguments."""
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_run_and_eval_hand_the_flags_to_the_load(moe_file, tmp_path, monkeypatch, command):
+    """-ngl, --cpu-moe and --n-cpu-moe reach `runtime.load` (run) and `evaluate_llama` (eval) unchanged;
+    without them nothing stays back in system memory."""
+    import allocmoe_edge.evaluate
+
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append((kwargs["n_gpu_layers"], kwargs["cpu_moe"], kwargs["n_cpu_moe"]))
+        raise _Loaded
+
+    monkeypatch.setattr(runtime, "load", fake_load)
+    monkeypatch.setattr(allocmoe_edge.evaluate, "evaluate_llama", fake_load)
+    text = tmp_path / "heldout.txt"
+    text.write_text("Blessed are the meek.")
+    args = {"run": ["-p", "hi"], "eval": ["--text", str(text)]}[command]
+    for flags in (["-ngl", "99", "--cpu-moe"], ["-ngl", "99", "--n-cpu-moe", "2"], []):
+        out = CliRunner().invoke(cli, [command, str(moe_file), *args, *flags])
+        assert isinstance(out.exception, _Loaded), out.output
+    assert seen == [(99, True, 0), (99, False, 2), (0, False, 0)]
+
+
+def test_torch_eval_refuses_the_flags(tmp_path):
+    text = tmp_path / "heldout.txt"
+    text.write_text("Blessed are the meek.")
+    for flags in (["--cpu-moe"], ["--n-cpu-moe", "1"]):
+        out = CliRunner().invoke(cli, ["eval", str(tmp_path), "--text", str(text), "--backend", "torch", *flags])
+        assert isinstance(out.exception, AllocMoeError), out.output
+        assert str(out.exception) == "--cpu-moe and --n-cpu-moe are for the llama backend"
 
 
 class _StockLlama:

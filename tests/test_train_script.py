@@ -55,6 +55,7 @@ def _tiny_corpus(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, tokenizer_file", [("tiny-moe", "tokenizer.model"), ("deep-moe", "tokenizer.json")])
 def test_a_few_steps_train_and_export(tmp_path, arch, tokenizer_file):
     import torch

@@ -1,12 +1,14 @@
 """Fuzz the patched llama.cpp loader with mutated ``allocmoe.*`` metadata.
 
-Usage: ``python scripts/fuzz_loader.py BASE.gguf --n 300 --seed 0`` (``--make-base`` writes a
+Test code: ``tests/test_fuzz_loader.py`` imports it, and from the repository root it runs on its
+own as ``python -m tests.fuzz_loader BASE.gguf --n 300 --seed 0`` (``--make-base`` writes a
 tiny synthetic MoE base first). Every case is a copy of BASE with a valid two-plan
 allocmoe stamp, then mutated: wrong types for every key, wrong lengths, zero, negative,
 huge and boundary values, k_min above k_max, plan_count / plan_index inconsistencies,
 missing keys, duplicated keys, a plan_index kv_override, and seeded random combinations.
-An oracle of the loader contract (DESIGN.md, "Contracts") says for each case which counts
-the loader must run, or that it must refuse the file.
+An oracle of the loader's contract (``expected``: what the patched loader of patches 0003-0006
+must accept and run, and what it must refuse; patches/README.md says what each patch checks)
+gives for each case the per-layer counts the loader must run, or that it must refuse the file.
 
 Worker processes (``--worker JOBS.json``) load a batch of files in sequence with the
 low-level llama.cpp API and print one JSON line per file; a batch that dies by a signal,
@@ -307,26 +309,18 @@ def _thresholds_ok(field: Field, counts: list[int], n_block: int, k_min: int, k_
                    for k, t in zip(counts, taus))
 
 
-class _Writer(gguf.GGUFWriter):
-    """gguf-py's writer, except that it also writes an empty array (which gguf-py refuses)."""
-
-    def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
-        if vtype == T.ARRAY and len(val) == 0:
-            return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
 def write_case(base_path: Path, case: Case, base: dict[str, Field], out: Path) -> None:
     """Write ``case`` as a GGUF at ``out``: the base file's keys and tensors, allocmoe keys replaced.
 
-    A duplicated key is written under a placeholder name of the same length, renamed in place.
+    A duplicated key is written under a placeholder name of the same length, renamed in place. Values
+    are packed by `gguf_meta.pack_entry`, which also writes empty arrays (gguf-py's writer refuses them).
     """
     kv = case.merged(base)
     placeholder = None
     if case.duplicate:
         placeholder = case.duplicate.replace(Keys.PREFIX, Keys.PREFIX[:-2] + "#.", 1)
         kv[placeholder] = case.set[case.duplicate]
-    copy_with_metadata(base_path, out, kv, drop=lambda k: k.startswith(Keys.PREFIX), writer_cls=_Writer)
+    copy_with_metadata(base_path, out, kv, drop=lambda k: k.startswith(Keys.PREFIX))
     if placeholder:
         at = out.read_bytes().index(placeholder.encode())
         with open(out, "r+b") as f:
