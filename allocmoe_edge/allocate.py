@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import sensitivity
 from .errors import AllocMoeError
+from .gguf_meta import GgufModelInfo, Keys, copy_with_metadata, plan_fields, plan_for_counts, plan_shape, read_info
 from .plan import TOKEN_MODES, Budget, Plan, PlanModelShape
 from .sensitivity import METRICS
-from .thresholds import plan_thresholds
+from .thresholds import calibrated_block_thresholds, ruled_thresholds
 
 # method -> whether Alloc-T is on in the resulting plan
 ALLOCATE_METHODS = {"alloc-l+t": True, "alloc-l": False, "uniform+t": True, "uniform": False}
@@ -122,15 +125,12 @@ def uniform_counts(n_layers: int, budget: int, k_min: int, k_max: int) -> list[i
 
 def _token_thresholds(sens: Mapping[str, Any], model: PlanModelShape, counts: Sequence[int], k_min: int,
                       k_max: int) -> tuple[float | None, ...]:
-    """The decode rule's threshold per MoE layer (None where the count is k_min or k_max)."""
+    """The decode rule's threshold per MoE layer (`thresholds.ruled_thresholds`)."""
     stats = sensitivity.routing_stats(sens)
     if stats is None:
         raise AllocMoeError("the sensitivity file has no routing statistics (profiled by an older allocmoe-edge): "
                             "profile again, or use --alloc-t batch")
-    inner = [(b, k) for b, k in zip(model.moe_layers, counts) if k_min < k < k_max]
-    taus = dict(zip((b for b, _ in inner), plan_thresholds(stats, [b for b, _ in inner], [k for _, k in inner],
-                                                          k_min, k_max)))
-    return tuple(taus.get(b) for b in model.moe_layers)
+    return ruled_thresholds(stats, model.moe_layers, counts, k_min, k_max)
 
 
 def plan_from_sensitivity(
@@ -199,3 +199,47 @@ def plan_from_sensitivity(
         calibration=calibration,
         predicted=predicted,
     )
+
+
+def uniform_split_counts(info: GgufModelInfo, budget: float) -> list[int]:
+    """The budget's activation count spread evenly over the MoE layers of a GGUF (`uniform_counts`:
+    earlier layers get the remainder)."""
+    total = Budget.parse(budget, plan_shape(info)).count
+    return uniform_counts(len(info.moe_layers), total, 1, info.expert_used_count)
+
+
+def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...],
+                        decode_rule: bool = False) -> GgufModelInfo:
+    """Copy ``src`` to ``dst`` with a "uniform-split" plan per budget below 1 and Alloc-T enabled
+    (a synthetic file has no sensitivity profile to allocate from).
+
+    With ``decode_rule`` every plan also gets decode thresholds, calibrated on the file's own
+    routing of 512 random tokens (`graph_probe.routing_stats`: a synthetic file has no calibration
+    text), and the file runs the decode rule one token at a time (token mode "both")."""
+    info = read_info(src)
+    plans = [plan_for_counts(info, uniform_split_counts(info, b), "uniform-split", f"uniform-split@{b:g}")
+             for b in sorted({b for b in budgets if b < 1}, reverse=True)]
+    k_max = info.expert_used_count
+    calibration = "none (uniform split)"
+    if decode_rule:
+        routing = _random_token_routing(src, info, k_max)
+        plans = [replace(p, thresholds=calibrated_block_thresholds(routing, p.counts, info.moe_layers, 1, k_max))
+                 for p in plans]
+        calibration = "decode thresholds from 512 random tokens"
+    fields = plan_fields(info, plans, k_min=1, k_max=k_max,
+                         provenance={"source": Path(src).name, "calibration": calibration})
+    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(Keys.PREFIX) and k != Keys.SYNTHETIC)
+    return read_info(dst)
+
+
+def _random_token_routing(path: str | Path, info: GgufModelInfo, ranks: int) -> list[Any]:
+    """The full-budget model's routing statistics over 512 random tokens (`graph_probe.routing_stats`)."""
+    from .graph_probe import routing_stats
+    from .runtime import LoadChoice, load
+
+    llm = load(path, LoadChoice(full_budget=True), info=info, n_ctx=512, n_batch=512, n_ubatch=512)
+    try:
+        tokens = np.random.default_rng(0).integers(3, llm.n_vocab(), 512).tolist()
+        return routing_stats(llm, tokens, ranks)
+    finally:
+        llm.close()

@@ -41,8 +41,8 @@ speed tables line up:
   really run (it equals the budget only when budget x K_orig is an integer).
 
 A file without plans is benchmarked through a temporary copy holding "uniform-split"
-plans (Alloc-T enabled): the exact budget count spread evenly over the MoE layers, since a
-synthetic file has no sensitivity profile.
+plans (`allocate.stamp_uniform_split`, Alloc-T enabled with decode thresholds): the exact
+budget count spread evenly over the MoE layers, since a synthetic file has no sensitivity profile.
 
 Decode limits (T = 1, where Alloc-T is exactly top-k_l), ratios of bytes read per generated
 token, full budget / row; KV-cache traffic is not counted:
@@ -61,25 +61,23 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import re
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .allocate import stamp_uniform_split
 from .bench_worker import Worker, interleave
 from .benchstats import BASELINE, percentiles, speedup, summary
 from .errors import AllocMoeError
 from .evaluate import EvalConfig, Progress, gguf_configurations
 from .fsutil import scratch_dir
-from .gguf_meta import GgufModelInfo, Keys, copy_with_metadata, plan_fields, plan_for_counts, read_header, read_info
+from .gguf_meta import GgufModelInfo, read_header, read_info
+from .placement import cpu_expert_blocks, expert_block
 from .plan import fraction_problem
-from .thresholds import block_thresholds
 
 FORMAT = "allocmoe-bench"
-DECODE_RULE_PATCH_VERSION = 4  # llama_allocmoe_version() of the patch series that runs Alloc-T's decode rule
 VERSION = 2
-_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:gate|up|down|gate_up)_exps\.")
 
 
 @dataclass(frozen=True)
@@ -164,54 +162,6 @@ def executed_counts(info: GgufModelInfo, config: EvalConfig) -> tuple[int, ...]:
     return (config.k or info.expert_used_count,) * len(info.moe_layers)
 
 
-def uniform_split_counts(info: GgufModelInfo, budget: float) -> list[int]:
-    """The budget's activation count spread evenly over the MoE layers (`allocate.uniform_counts`:
-    earlier layers get the remainder)."""
-    from .allocate import uniform_counts
-    from .gguf_meta import plan_shape
-    from .plan import Budget
-
-    total = Budget.parse(budget, plan_shape(info)).count
-    return uniform_counts(len(info.moe_layers), total, 1, info.expert_used_count)
-
-
-def stamp_uniform_split(src: str | Path, dst: str | Path, budgets: tuple[float, ...],
-                        decode_rule: bool = False) -> GgufModelInfo:
-    """Copy ``src`` to ``dst`` with a "uniform-split" plan per budget below 1 and Alloc-T enabled.
-
-    With ``decode_rule`` every plan also gets decode thresholds, calibrated on the file's own
-    routing of 512 random tokens (`graph_probe.routing_stats`: a synthetic file has no calibration
-    text), and the file runs the decode rule one token at a time (token mode "both")."""
-    info = read_info(src)
-    plans = [plan_for_counts(info, uniform_split_counts(info, b), "uniform-split", f"uniform-split@{b:g}")
-             for b in sorted({b for b in budgets if b < 1}, reverse=True)]
-    k_max = info.expert_used_count
-    calibration = "none (uniform split)"
-    if decode_rule:
-        routing = _random_token_routing(src, info, k_max)
-        plans = [replace(p, thresholds=block_thresholds(routing, p.counts, info.moe_layers, 1, k_max)) for p in plans]
-        calibration = "decode thresholds from 512 random tokens"
-    fields = plan_fields(info, plans, k_min=1, k_max=k_max,
-                         provenance={"source": Path(src).name, "calibration": calibration})
-    copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(Keys.PREFIX) and k != Keys.SYNTHETIC)
-    return read_info(dst)
-
-
-def _random_token_routing(path: str | Path, info: GgufModelInfo, ranks: int) -> list[Any]:
-    """The full-budget model's routing statistics over 512 random tokens (`graph_probe.routing_stats`)."""
-    import numpy as np
-
-    from .graph_probe import routing_stats
-    from .runtime import LoadChoice, load
-
-    llm = load(path, LoadChoice(full_budget=True), info=info, n_ctx=512, n_batch=512, n_ubatch=512)
-    try:
-        tokens = np.random.default_rng(0).integers(3, llm.n_vocab(), 512).tolist()
-        return routing_stats(llm, tokens, ranks)
-    finally:
-        llm.close()
-
-
 @dataclass(frozen=True)
 class WeightTraffic:
     """Weight bytes one generated token reads: a fixed part plus, per MoE block, k x one expert's bytes."""
@@ -227,9 +177,9 @@ class WeightTraffic:
         has_output = any(t.name == "output.weight" for t in tensors)
         fixed, per_expert = 0, dict.fromkeys(info.moe_layers, 0)
         for t in tensors:
-            m = _EXPERT_TENSOR.match(t.name)
-            if m:
-                per_expert[int(m.group(1))] += int(t.n_bytes) // info.expert_count
+            block = expert_block(t.name)
+            if block is not None:
+                per_expert[block] += int(t.n_bytes) // info.expert_count
             elif t.name == "token_embd.weight" and has_output:
                 fixed += int(t.n_bytes) // int(t.shape[-1])
             else:
@@ -264,8 +214,6 @@ def decode_limits(traffic: WeightTraffic, full: tuple[int, ...], counts: tuple[i
 def placement(info: GgufModelInfo, traffic: WeightTraffic, opts: BenchOptions) -> dict[str, Any]:
     """Where the weights are: GPU layers, the MoE blocks whose routed experts stay in system memory
     and their bytes, and which decode limit applies (``limit``: the JSON field the table shows)."""
-    from .runtime import cpu_expert_blocks
-
     blocks = cpu_expert_blocks(info, opts.cpu_moe, opts.n_cpu_moe)
     hybrid = bool(blocks) and opts.n_gpu_layers > 0
     return {"n_gpu_layers": opts.n_gpu_layers, "cpu_moe": opts.cpu_moe, "n_cpu_moe": opts.n_cpu_moe,
@@ -339,14 +287,11 @@ def _plans_to_run(model: str | Path, info: GgufModelInfo, opts: BenchOptions, sc
     plans come from; a file without plans gets uniform-split plans in a copy in ``scratch``."""
     if info.plans or all(b == 1 for b in opts.budgets):
         return Path(model), info, opts.budgets, "file" if info.plans else "none"
-    from .runtime import patch_version
-
-    decode_rule = (patch_version() or 0) >= DECODE_RULE_PATCH_VERSION
-    log("no stored plans: stamping uniform-split plans into a temporary copy"
-        + (" (decode thresholds calibrated on random tokens)" if decode_rule else ""))
+    log("no stored plans: stamping uniform-split plans into a temporary copy (decode thresholds calibrated on "
+        "random tokens)")
     path = scratch / Path(model).name
     # every plan just stamped runs, even where its count rounds away from the fraction
-    return path, stamp_uniform_split(model, path, opts.budgets, decode_rule), None, "uniform-split"
+    return path, stamp_uniform_split(model, path, opts.budgets, decode_rule=True), None, "uniform-split"
 
 
 def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = print,
@@ -357,16 +302,14 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
     ``progress(configuration, done, total)`` follows each of the configurations x reps repetitions;
     ``on_round(result)`` gets the result so far (``"complete": false``) after every round of
     repetitions, so a run stopped from outside still leaves its measured rounds behind."""
-    from .runtime import patch_version
+    from .runtime import require_patched
     from .synth import is_synthetic
 
     opts.check()
     info = read_info(model)
     if not info.moe_layers:
         raise AllocMoeError(f"{model} has no MoE layers; nothing to budget")
-    if patch_version() is None:
-        raise AllocMoeError("bench needs the patched llama-cpp-python (budget plans would run at full budget); "
-                            "run `allocmoe build-runtime`")
+    require_patched("bench")
     result: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "model": str(model), "architecture": info.architecture,
         "synthetic": is_synthetic(info), "full_budget": info.full_budget, "options": asdict(opts),

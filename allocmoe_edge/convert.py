@@ -1,7 +1,7 @@
 """HF checkpoint -> budgeted GGUF: llama.cpp's own converter and quantizer, then the plans.
 
 The converter runs from the pinned sdist (never a fork or a copy) in a subprocess, through
-``converter_main`` which adds one hook for unknown BPE pre-tokenizers. Quantization to
+``converter_subprocess`` which adds one hook for unknown BPE pre-tokenizers. Quantization to
 k-quants uses llama.cpp's quantizer as exposed by llama-cpp-python. Every output is written
 under a temporary name and renamed at the end.
 """
@@ -17,14 +17,11 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .build_runtime import vendor_dir
 from .errors import AllocMoeError
 from .fsutil import atomic_output
-
-if TYPE_CHECKING:
-    from .plan import PlanModelShape
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANT_TYPES = {"q4_k_m": 15, "q4_0": 2, "q5_k_m": 17, "q6_k": 18}  # llama_ftype values
@@ -44,7 +41,7 @@ def convert_hf(model_dir: str | os.PathLike[str], outfile: str | os.PathLike[str
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(llama / "gguf-py"), str(llama), env.get("PYTHONPATH")] if p)
     pre = ["--pre-tokenizer", pre_tokenizer] if pre_tokenizer else []
     with atomic_output(outfile) as tmp:
-        cmd = [sys.executable, "-m", "allocmoe_edge.converter_main", *pre, "--", str(model_dir),
+        cmd = [sys.executable, "-m", "allocmoe_edge.converter_subprocess", *pre, "--", str(model_dir),
                "--outtype", outtype, "--outfile", str(tmp)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -94,22 +91,6 @@ def convert_to_type(model_dir: str | os.PathLike[str], outfile: str | os.PathLik
         return quantize(f16, outfile, outtype)
 
 
-def hf_plan_shape(model_dir: str | os.PathLike[str]) -> PlanModelShape:
-    """A checkpoint's shape as a plan records it, from its config alone (the model is built on the meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .hf import plan_shape
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise AllocMoeError(f"could not read the config of {model_dir}: {e}") from e
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return plan_shape(model)
-
-
 def calibration_provenance(calibration: dict[str, Any]) -> str:
     """The plan's calibration description as stored in a published GGUF: the text's file name and
     sha256, never the absolute path it had on the machine that converted it."""
@@ -125,6 +106,7 @@ def build_budgeted_gguf(model_dir: str | os.PathLike[str], plan_paths: list[str]
                         progress: Callable[[int, int], None] | None = None) -> Path:
     """Check the plans against the checkpoint, convert (and quantize), then stamp every plan."""
     from .gguf_meta import read_info, stamp, stored_plan
+    from .hf import plan_shape
     from .plan import Plan
 
     model_dir, outfile = Path(model_dir), Path(outfile)
@@ -136,8 +118,8 @@ def build_budgeted_gguf(model_dir: str | os.PathLike[str], plan_paths: list[str]
     if not plans:
         raise AllocMoeError("give at least one --plan (from `allocmoe allocate`)")
     if not 0 <= default < len(plans):
-        raise AllocMoeError(f"--default {default} is outside [0, {len(plans) - 1}]")
-    shape = hf_plan_shape(model_dir)
+        raise AllocMoeError(f"--default-plan {default} is outside [0, {len(plans) - 1}]")
+    shape = plan_shape(model_dir)
     for p in plans:
         p.check_against(shape)
     d = plans[default]

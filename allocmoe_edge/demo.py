@@ -110,30 +110,38 @@ class Manifest:
         self.doc = doc
         self.out = out
 
-    def _entry(self, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        entry = self.doc["artefacts"].get(name)
-        return entry if isinstance(entry, dict) and entry.get("inputs") == inputs else None
+    @contextlib.contextmanager
+    def artefact(self, name: str, inputs: dict[str, Any], resume: bool = False) -> Iterator[str]:
+        """Make ``name`` (a file in the output folder) from ``inputs`` in the body, recorded here.
 
-    def reusable(self, name: str, inputs: dict[str, Any]) -> bool:
-        """True when ``name`` is complete, made from ``inputs`` and unchanged since."""
-        entry = self._entry(name, inputs)
+        Yields "reused" when ``name`` is complete, made from the same ``inputs`` and unchanged since (the
+        body does no work); "resumed" when ``resume`` is set and an unfinished ``name`` was started from
+        the same ``inputs``; else "made" (with ``resume``, a leftover file is removed first). Records the
+        inputs before the body and, after it succeeds, that ``name`` is complete, with its sha256.
+        """
         path = self.out / name
-        return bool(entry and entry.get("complete") and path.is_file() and sha256_file(path) == entry.get("sha256"))
-
-    def resumable(self, name: str, inputs: dict[str, Any]) -> bool:
-        """True when an unfinished ``name`` was started from the same ``inputs``."""
-        entry = self._entry(name, inputs)
-        return bool(entry and not entry.get("complete") and (self.out / name).is_file())
-
-    def begin(self, name: str, inputs: dict[str, Any]) -> None:
-        """Record that ``name`` is being made from ``inputs``."""
+        entry = self.doc["artefacts"].get(name)
+        same = isinstance(entry, dict) and entry.get("inputs") == inputs
+        if same and entry.get("complete") and path.is_file() and sha256_file(path) == entry.get("sha256"):
+            yield "reused"
+            return
+        status = "resumed" if resume and same and not entry.get("complete") and path.is_file() else "made"
+        if resume and status == "made":
+            path.unlink(missing_ok=True)
         self.doc["artefacts"][name] = {"inputs": inputs, "complete": False}
         self.save()
-
-    def finish(self, name: str) -> None:
-        """Record that ``name`` is complete, with its sha256."""
-        self.doc["artefacts"][name].update(complete=True, sha256=sha256_file(self.out / name))
+        yield status
+        self.doc["artefacts"][name].update(complete=True, sha256=sha256_file(path))
         self.save()
+
+    def record_run(self, settings: DemoSettings, steps: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+        """Record the run that just ended as ``last_run`` (date, settings, steps, seconds, tool) and return it."""
+        self.doc["last_run"] = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": dataclasses.asdict(settings), "steps": steps, "seconds": seconds, "tool": TOOL,
+        }
+        self.save()
+        return self.doc["last_run"]
 
     def save(self) -> None:
         atomic_write_json(self.path, self.doc)
@@ -157,8 +165,32 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-class _Run:
-    """One demo run: the output folder, its inputs, the manifest and the console."""
+def speed_policy(gguf: Path, speed_layers: int) -> tuple[bool, str]:
+    """Whether ``gguf``'s own speed means something (it reads at least ``SPEED_MIN_BYTES`` of weights per
+    token at full budget; else the synthetic ``SPEED_SHAPE`` file of ``speed_layers`` blocks is measured),
+    and the report's sentence on which file is measured and why."""
+    from .bench import WeightTraffic
+    from .gguf_meta import read_info
+    from .synth import SHAPES
+
+    info = read_info(gguf)
+    per_token = WeightTraffic.of(gguf, info).per_token((info.expert_used_count,) * len(info.moe_layers))
+    mib = f"{per_token / 2**20:.1f} MiB"
+    if per_token >= SPEED_MIN_BYTES:
+        return True, f"Speed: {gguf.name} itself ({mib} of weights read per token at full budget)."
+    shape = SHAPES[SPEED_SHAPE]
+    return False, (
+        f"Speed is not measured on {gguf.name}: it reads {mib} of weights per generated token at full "
+        f"budget (below {SPEED_MIN_BYTES >> 20} MiB), so on a CPU its speed is set by per-operation overhead "
+        f"and caches, not by the weight bytes a budget saves. It is measured instead on a synthetic "
+        f"{shape.title} ({speed_layers} of its {shape.n_layer} blocks, {SPEED_TYPE}, random "
+        f"weights) with bench's uniform-split plans at the same budget fractions (the budget's count spread "
+        f"evenly over the layers): the demo's own plans are for another shape and cannot be stamped into it.")
+
+
+class DemoPipeline:
+    """The demo's steps on one model, called in order by `run_demo`: the output folder, the inputs, the
+    manifest, the console and each step's record (status, seconds)."""
 
     def __init__(self, out: Path, settings: DemoSettings, model_dir: Path, pre_tokenizer: str | None, calib: Path,
                  heldout: Path, console: Console) -> None:
@@ -204,22 +236,19 @@ class _Run:
         name = self.sensitivity.name
         with self.step("profile", f"S[l, k] of every MoE layer on {self.calib.name} (up to {s.calib_tokens} "
                                   f"tokens, windows of {s.ctx}; float32 weights) -> {name}") as rec:
-            if self.manifest.reusable(name, inputs):
-                rec["status"] = "reused"
-                self.say(f"reused {name}: model files, calibration text and settings unchanged")
-                return
-            if self.manifest.resumable(name, inputs):
-                rec["status"] = "resumed"
-                self.say(f"resuming the interrupted profile in {name}")
-            else:
-                self.sensitivity.unlink(missing_ok=True)
-            self.manifest.begin(name, inputs)
-            with self.progress() as bar, tempfile.TemporaryDirectory(prefix="allocmoe-f32-") as tmp:
-                task = bar.add_task("layer forwards", total=None)
-                doc = run_profile(float32_copy(self.model_dir, tmp), self.calib, self.sensitivity, mode=PROFILE_MODE,
-                                  ctx=s.ctx, max_tokens=s.calib_tokens, on_start=lambda n: bar.update(task, total=n),
-                                  on_progress=lambda n: bar.advance(task, n))
-            self.manifest.finish(name)
+            with self.manifest.artefact(name, inputs, resume=True) as status:
+                rec["status"] = status
+                if status == "reused":
+                    self.say(f"reused {name}: model files, calibration text and settings unchanged")
+                    return
+                if status == "resumed":
+                    self.say(f"resuming the interrupted profile in {name}")
+                with self.progress() as bar, tempfile.TemporaryDirectory(prefix="allocmoe-f32-") as tmp:
+                    task = bar.add_task("layer forwards", total=None)
+                    doc = run_profile(float32_copy(self.model_dir, tmp), self.calib, self.sensitivity,
+                                      mode=PROFILE_MODE, ctx=s.ctx, max_tokens=s.calib_tokens,
+                                      on_start=lambda n: bar.update(task, total=n),
+                                      on_progress=lambda n: bar.advance(task, n))
             self.say(f"{len(doc['layers'])} MoE layers x k=1..{doc['model']['k_orig']}, "
                      f"{doc['calibration']['n_tokens']} tokens, full-budget PPL {doc['full']['ppl']:.3f}")
 
@@ -257,18 +286,17 @@ class _Run:
         name = self.gguf.name
         with self.step("convert", f"llama.cpp's converter -> {OUTTYPE}, stamp the {len(self.plans)} plans "
                                   f"(default {self.plans[default].stem}) -> {name}") as rec:
-            if self.manifest.reusable(name, inputs):
-                rec["status"] = "reused"
-                self.say(f"reused {name}: model files, plans and weight type unchanged")
-                return
-            self.manifest.begin(name, inputs)
-            with self.progress() as bar:
-                task = bar.add_task("converting", total=None)
-                build_budgeted_gguf(self.model_dir, [str(p) for p in self.plans], self.gguf, OUTTYPE, default,
-                                    pre_tokenizer=self.pre_tokenizer, log=self.say,
-                                    progress=lambda done, total: bar.update(task, description="writing",
-                                                                            completed=done, total=total))
-            self.manifest.finish(name)
+            with self.manifest.artefact(name, inputs) as status:
+                rec["status"] = status
+                if status == "reused":
+                    self.say(f"reused {name}: model files, plans and weight type unchanged")
+                    return
+                with self.progress() as bar:
+                    task = bar.add_task("converting", total=None)
+                    build_budgeted_gguf(self.model_dir, [str(p) for p in self.plans], self.gguf, OUTTYPE, default,
+                                        pre_tokenizer=self.pre_tokenizer, log=self.say,
+                                        progress=lambda done, total: bar.update(task, description="writing",
+                                                                                completed=done, total=total))
             self.say(f"{name}: {self.gguf.stat().st_size / 2**20:.1f} MiB")
 
     def evaluate(self) -> dict[str, Any]:
@@ -286,26 +314,6 @@ class _Run:
             self.say(f"{len(result['results'])} configurations x {result['chunks']} chunks -> eval.json")
         return result
 
-    def speed_target(self) -> tuple[Path, str]:
-        """The file whose speed means something, and the report's sentence on why it is that file."""
-        from .bench import WeightTraffic
-        from .gguf_meta import read_info
-        from .synth import SHAPES
-
-        info = read_info(self.gguf)
-        per_token = WeightTraffic.of(self.gguf, info).per_token((info.expert_used_count,) * len(info.moe_layers))
-        mib = f"{per_token / 2**20:.1f} MiB"
-        if per_token >= SPEED_MIN_BYTES:
-            return self.gguf, f"Speed: {self.gguf.name} itself ({mib} of weights read per token at full budget)."
-        shape = SHAPES[SPEED_SHAPE]
-        return self.synthetic(), (
-            f"Speed is not measured on {self.gguf.name}: it reads {mib} of weights per generated token at full "
-            f"budget (below {SPEED_MIN_BYTES >> 20} MiB), so on a CPU its speed is set by per-operation overhead "
-            f"and caches, not by the weight bytes a budget saves. It is measured instead on a synthetic "
-            f"{shape.title} ({self.settings.speed_layers} of its {shape.n_layer} blocks, {SPEED_TYPE}, random "
-            f"weights) with bench's uniform-split plans at the same budget fractions (the budget's count spread "
-            f"evenly over the layers): the demo's own plans are for another shape and cannot be stamped into it.")
-
     def synthetic(self) -> Path:
         """The synthetic speed file in the output folder, written once and reused while its recipe holds."""
         from .synth import synthesize
@@ -313,15 +321,14 @@ class _Run:
         layers = self.settings.speed_layers
         path = self.out / f"synthetic-{SPEED_SHAPE}-{layers}l-{SPEED_TYPE}.gguf"
         inputs = {"shape": SPEED_SHAPE, "layers": layers, "type": SPEED_TYPE, "seed": 0, "tool": TOOL}
-        if self.manifest.reusable(path.name, inputs):
-            self.say(f"reused {path.name}")
-            return path
-        self.manifest.begin(path.name, inputs)
-        with self.progress() as bar:
-            task = bar.add_task(f"writing {path.name}", total=None)
-            synthesize(SPEED_SHAPE, SPEED_TYPE, path, layers,
-                       progress=lambda done, total: bar.update(task, completed=done, total=total))
-        self.manifest.finish(path.name)
+        with self.manifest.artefact(path.name, inputs) as status:
+            if status == "reused":
+                self.say(f"reused {path.name}")
+            else:
+                with self.progress() as bar:
+                    task = bar.add_task(f"writing {path.name}", total=None)
+                    synthesize(SPEED_SHAPE, SPEED_TYPE, path, layers,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
         return path
 
     def bench(self) -> tuple[dict[str, Any], str]:
@@ -331,7 +338,8 @@ class _Run:
         opts = BenchOptions(budgets=self.budgets, reps=s.reps, prompts=(s.n_prompt,), n_gen=s.n_gen)
         with self.step("bench", f"pp{s.n_prompt} / tg{s.n_gen} tokens/s, {s.reps} interleaved repetitions, "
                                 "mean ± sd, ties within the noise") as rec:
-            target, note = self.speed_target()
+            measure_own, note = speed_policy(self.gguf, s.speed_layers)
+            target = self.gguf if measure_own else self.synthetic()
             rec["model"] = target.name
             self.say(note)
             with self.progress() as bar:
@@ -347,7 +355,7 @@ class _Run:
 
     def report(self, eval_result: dict[str, Any], bench_result: dict[str, Any], speed_note: str,
                started: float) -> DemoResult:
-        from .presentation import demo_quality_table, plot_frontier, speed_table
+        from .presentation import demo_quality_table, demo_report, plot_frontier, speed_table
 
         with self.step("report", "report.md (quality and speed tables), frontier.png"):
             rows = quality_rows(self.gguf, eval_result, self.budgets)
@@ -358,57 +366,12 @@ class _Run:
             except ImportError:
                 self.say("matplotlib is not installed: no frontier.png (pip install 'allocmoe-edge[plot]')")
         seconds = round(time.monotonic() - started, 1)
-        self.manifest.doc["last_run"] = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": dataclasses.asdict(self.settings), "steps": self.steps, "seconds": seconds, "tool": TOOL,
-        }
-        self.manifest.save()
-        atomic_write_text(self.out / "report.md", self._report_md(rows, eval_result, bench_result, speed_note))
+        run = self.manifest.record_run(self.settings, self.steps, seconds)
+        report = demo_report(self.model_dir.name, run, rows, eval_result, bench_result, speed_note, method=METHOD,
+                             profile_mode=PROFILE_MODE, gguf=self.gguf.name, heldout=self.heldout.name,
+                             files=[p.name for p in (self.sensitivity, *self.plans, self.gguf)])
+        atomic_write_text(self.out / "report.md", report)
         return DemoResult(self.out, rows, table, self.steps, seconds)
-
-    def _report_md(self, rows: list[dict[str, Any]], eval_result: dict[str, Any], bench_result: dict[str, Any],
-                   speed_note: str) -> str:
-        from .presentation import alloc_t_cost, demo_quality_table, speed_table
-
-        s, run = self.settings, self.manifest.doc["last_run"]
-        steps = "\n".join(f"| {k} | {v['status']} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} |"
-                          for k, v in self.steps.items())
-        files = [self.sensitivity, *self.plans, self.gguf]
-        alloc_t = alloc_t_cost(bench_result)
-        return f"""# allocmoe demo: {self.model_dir.name}
-
-{run['date']}, {TOOL}, {s.name} settings, commit {bench_result['commit'] or 'unknown'}.
-Plans: {METHOD} (DP on the mean KL divergence of {PROFILE_MODE} layer profiles), \
-stored together in {self.gguf.name}.
-
-## Quality
-
-{demo_quality_table(rows)}
-
-{eval_result['chunks']} chunks of {eval_result['ctx']} tokens of {self.heldout.name} \
-({eval_result['chunks'] * eval_result['scored_per_chunk']} scored tokens, llama-perplexity's protocol), \
-llama.cpp; KLD and top-1 agreement are against the full-budget model. Decode limit: full-budget weight bytes \
-read per generated token divided by the row's (deterministic, from the file's tensor sizes).
-
-## Speed
-
-{speed_note}
-
-{speed_table(bench_result)}
-
-Backend {bench_result['backend']}, threads {bench_result['threads']}/{bench_result['threads_batch']}, \
-{s.reps} repetitions interleaved across configurations, mean ± sd. Speedups are over full budget in the same \
-run; "(tie)" marks one within the measured noise (|ratio - 1| <= its sd): no faster than full budget.
-{alloc_t}
-![quality vs decode limit, measured speed](frontier.png)
-
-| step | status | seconds | CPU seconds |
-|---|---|---:|---:|
-{steps}
-
-Total {run['seconds']:.1f} s. Files: {', '.join(p.name for p in files)}, eval.json, bench.json, \
-frontier.png, manifest.json.
-"""
 
 
 def quality_rows(gguf: Path, eval_result: dict[str, Any], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -469,7 +432,7 @@ def run_demo(out: str | os.PathLike[str] = "allocmoe-demo", quick: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or (QUICK if quick else FULL)
-    run = _Run(out, settings, model_dir, pre_tokenizer, calib, heldout, console or Console(file=sys.stderr))
+    run = DemoPipeline(out, settings, model_dir, pre_tokenizer, calib, heldout, console or Console(file=sys.stderr))
     run.console.print(escape(f"allocmoe demo: {model_dir} -> {out} ({settings.name} settings)"), highlight=False,
                       soft_wrap=True)
     run.profile()

@@ -1,15 +1,13 @@
 """Quality of a budgeted GGUF with llama.cpp: perplexity, KL divergence to full budget, top-1 agreement.
 
-The protocol is llama-perplexity's (``perplexity`` and ``kl_divergence`` in llama.cpp's
-tools/perplexity/perplexity.cpp): the text is tokenized with the model's tokenizer and cut
-into chunks of ``ctx`` tokens; the first token of each chunk becomes BOS when the vocabulary
-adds BOS; each chunk is decoded as one batch and one ubatch (Alloc-T redistributes within a
-ubatch), or one token per ubatch in the decode protocol (``decode``: as generation runs,
-where Alloc-T's decode rule applies); only the second half is scored (logits at positions
-ctx/2 .. ctx-2, each predicting the next token). Standard errors are perplexity.cpp's:
-sqrt((E[x²] - E[x]²) / (n - 1)), and PPL ± PPL x se(NLL). Differences from llama.cpp: the KL
-divergence sums over the whole vocabulary from float32 log-probs (llama.cpp keeps uint16-quantised
-base log-probs and skips p < e^-16), and one chunk of text is enough (llama.cpp asks for two).
+The protocol and the metrics are llama-perplexity's (`quality`): the text is tokenized with the
+model's tokenizer and cut into chunks of ``ctx`` tokens, BOS first in each when the vocabulary
+adds BOS; only the second half of each chunk is scored. Each chunk is decoded as one batch and
+one ubatch (Alloc-T redistributes within a ubatch), or one token per ubatch in the decode
+protocol (``decode``: as generation runs, where Alloc-T's decode rule applies). Differences from
+llama.cpp: the KL divergence sums over the whole vocabulary from float32 log-probs (llama.cpp
+keeps uint16-quantised base log-probs and skips p < e^-16), and one chunk of text is enough
+(llama.cpp asks for two).
 
 Every configuration is compared with the full-budget log-probs of the same positions, which
 are computed once and kept in a temporary file. In the JSON, ``top1`` and ``rms_dp`` are
@@ -32,105 +30,13 @@ from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
 from .gguf_meta import GgufModelInfo, read_info
-from .plan import check_fraction
+from .plan import BUDGET_TOLERANCE, check_fraction
+from .quality import Scores, chunk_tokens, log_probs, scored, scored_count
 from .runtime import LoadChoice
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
-BUDGET_TOLERANCE = 0.02  # a stored plan matches a --budgets value within this fraction
-_BLOCK_ROWS = 16  # positions per block in the KLD sum: bounds temporaries for large vocabularies
 
 Progress = Callable[[str, int, int], None]  # (configuration name, done, total) over (config, chunk)
-
-
-# ---------------------------------------------------------------- metrics (pure numpy)
-
-def log_probs(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of ``[N, V]`` logits in float32 (the exponential sums in float64)."""
-    x = np.asarray(logits, dtype=np.float32)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
-    return shifted - lse.astype(np.float32)
-
-
-def score_positions(logp: np.ndarray, targets: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
-    """Per position: NLL of ``targets`` under ``logp``, KL(ref || logp), Δp of the target, same top token.
-
-    ``logp`` and ``ref`` are ``[N, V]`` log-probs (``ref`` from the full-budget model), ``targets`` ``[N]``.
-    """
-    rows = np.arange(len(targets))
-    nll = -logp[rows, targets].astype(np.float64)
-    ref_target = np.asarray(ref[rows, targets], dtype=np.float64)
-    kld = np.empty(len(targets))
-    for s in range(0, len(targets), _BLOCK_ROWS):
-        r = np.asarray(ref[s:s + _BLOCK_ROWS])
-        kld[s:s + _BLOCK_ROWS] = (np.exp(r) * (r - logp[s:s + _BLOCK_ROWS])).sum(axis=-1, dtype=np.float64)
-    return {
-        "nll": nll,
-        "kld": kld,
-        "p_diff": np.exp(-nll) - np.exp(ref_target),
-        "same_top": np.argmax(logp, axis=-1) == np.argmax(ref, axis=-1),
-    }
-
-
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error as perplexity.cpp computes them (0 when undefined)."""
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    var = float((x * x).mean()) - mean * mean
-    return mean, math.sqrt(var / (x.size - 1)) if x.size > 1 and var > 0 else 0.0
-
-
-def perplexity(nll: np.ndarray) -> tuple[float, float]:
-    """PPL = exp(mean NLL) and its standard error PPL x se(NLL), as llama-perplexity reports them."""
-    mean, se = mean_se(nll)
-    ppl = math.exp(mean)
-    return ppl, ppl * se
-
-
-def percentile(values: np.ndarray, fraction: float) -> float:
-    """Linear interpolation between order statistics (llama.cpp's ``percentile``)."""
-    return float(np.quantile(np.asarray(values, dtype=np.float64), fraction))
-
-
-def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
-    """The quality row of one configuration from its per-position ``scores`` (see score_positions)."""
-    ppl, ppl_se = perplexity(scores["nll"])
-    kld_mean, kld_se = mean_se(scores["kld"])
-    return {
-        "ppl": ppl, "ppl_se": ppl_se, "kld_mean": kld_mean, "kld_se": kld_se,
-        "kld_p99": percentile(scores["kld"], 0.99),
-        "top1": float(np.mean(scores["same_top"])),
-        "rms_dp": math.sqrt(float(np.mean(np.square(scores["p_diff"])))),
-        "nll": float(np.mean(scores["nll"])), "n_tokens": int(scores["nll"].size),
-    }
-
-
-# ---------------------------------------------------------------- chunking protocol
-
-def chunk_tokens(tokens: Sequence[int], ctx: int, chunks: int | None = None, bos: int | None = None) -> np.ndarray:
-    """``[n_chunks, ctx]`` consecutive chunks of ``tokens``; the first of each is ``bos`` when given."""
-    if ctx < 4:
-        raise AllocMoeError(f"--ctx {ctx} is too short; use at least 4 tokens")
-    n = len(tokens) // ctx
-    if n == 0:
-        raise AllocMoeError(f"the text has {len(tokens)} tokens; one chunk of --ctx {ctx} needs at least {ctx}: "
-                            "use a longer text or a smaller --ctx")
-    if chunks is not None:
-        n = min(n, chunks)
-    out = np.array(tokens[: n * ctx], dtype=np.int32).reshape(n, ctx)
-    if bos is not None:
-        out[:, 0] = bos
-    return out
-
-
-def scored(ctx: int) -> slice:
-    """Rows of a chunk's logits that are scored: the second half, each predicting the token after it."""
-    return slice(ctx // 2, ctx - 1)
-
-
-def scored_count(ctx: int) -> int:
-    """Scored positions per chunk."""
-    return ctx - 1 - ctx // 2
 
 
 # ---------------------------------------------------------------- configurations
@@ -259,13 +165,13 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                     windows = chunk_tokens(tokens, ctx, chunks, bos)
                     ref = _reference_store(tmp, (len(windows), scored_count(ctx), llm.n_vocab()))
                 counter = DecodeCounter(llm, ctx) if decode else None
-                parts = []
+                scores = Scores()
                 try:
                     for c, window in enumerate(windows):
                         logp = _chunk_log_probs_decoded(counter, window) if counter else _chunk_log_probs(llm, window)
                         if config is configs[0]:
                             ref[c] = logp
-                        parts.append(score_positions(logp, window[rows.start + 1:], ref[c]))
+                        scores.add(logp, window[rows.start + 1:], ref[c])
                         if progress is not None:
                             progress(config.name, len(results) * len(windows) + c + 1, len(configs) * len(windows))
                 finally:
@@ -278,8 +184,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                     counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
             finally:
                 llm.close()
-            scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            results.append(result_row(config, sum(counts), counts, info.full_budget, summarize(scores)))
+            results.append(result_row(config, sum(counts), counts, info.full_budget, scores.summary()))
     meta = info.meta
     return {
         "backend": "llama",

@@ -25,7 +25,7 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
 # GGUFValueType -> struct format of one value (STRING = 8 and ARRAY = 9 are handled apart)
-_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+VALUE_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
 _CHUNK = 64 << 20  # tensor data is copied in pieces of this many bytes
 
@@ -130,8 +130,8 @@ class _Cursor:
 
     def value(self, vtype: int, decode_strings: bool) -> tuple[Any, int | None]:
         """A value of ``vtype`` and its array element type."""
-        if vtype in _FORMATS:
-            return self.take(_FORMATS[vtype]), None
+        if vtype in VALUE_FORMATS:
+            return self.take(VALUE_FORMATS[vtype]), None
         if vtype == STRING:
             return self.string(), None
         if vtype != ARRAY:
@@ -143,8 +143,8 @@ class _Cursor:
             start = self.pos
             self.strings(count, decode=False)
             return StringArray(start, count), sub
-        if sub in _FORMATS:
-            fmt = _FORMATS[sub]
+        if sub in VALUE_FORMATS:
+            fmt = VALUE_FORMATS[sub]
             size = struct.calcsize(fmt)
             if count * size > len(self.buf) - self.pos:
                 raise _Truncated

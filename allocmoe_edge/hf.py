@@ -9,8 +9,8 @@ scores, selection bias, renormalisation, scaling, group limits) come from the ro
 attributes, the config, and a small override table.
 
 * ``layer_topk`` sets each MoE layer's ``top_k``, so the model runs its own routing code.
-* ``token_alloc`` runs the model's router at ``top_k = k_max`` and keeps the candidates that
-  Alloc-T (``token_alloc.select_ranked``) picks over all tokens of the forward pass; a dropped
+* ``alloc_t_routing`` runs the model's router at ``top_k = k_max`` and keeps the candidates that
+  Alloc-T (``alloc_t_reference.select_ranked``) picks over all tokens of the forward pass; a dropped
   candidate gets weight 0 and the index ``n_expert``, which the experts implementations of
   transformers skip (the expert-parallel sentinel), so it costs no compute.
 
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .alloc_t_reference import check_bounds, select_above, select_ranked
 from .errors import AllocMoeError
 from .plan import PlanModelShape
-from .token_alloc import check_bounds, select_above, select_ranked
 
 N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "num_selected_experts")
@@ -181,8 +181,19 @@ def moe_shape(model: nn.Module) -> HfMoeShape:
     )
 
 
-def plan_shape(model: nn.Module) -> PlanModelShape:
-    """The shape of ``model`` as a plan records it (architecture is the config's model_type)."""
+def plan_shape(model: nn.Module | str | os.PathLike[str]) -> PlanModelShape:
+    """The shape of ``model``, or of the checkpoint in the directory ``model``, as a plan records it
+    (architecture is the config's model_type); a checkpoint's comes from its config alone (the model
+    is built on the meta device, no weights read)."""
+    if not isinstance(model, nn.Module):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise AllocMoeError(f"could not read the config of {model}: {e}") from e
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     return moe_shape(model).plan_shape
 
 
@@ -292,11 +303,11 @@ def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None
 
 
 @contextlib.contextmanager
-def token_alloc(
+def alloc_t_routing(
     model: nn.Module, counts: Sequence[int] | Mapping[int, int], k_min: int = 1, k_max: int | None = None,
     thresholds: Sequence[float] | Mapping[int, float] | None = None,
 ) -> Iterator[ActivationCounter]:
-    """Route each MoE layer by Alloc-T; restore on exit.
+    """Context manager: route each MoE layer by Alloc-T (a forward hook on its router); restore on exit.
 
     ``counts`` gives k_l per MoE layer; ``k_max`` defaults to the model's top-k. Without
     ``thresholds`` the batch rule runs over all tokens of each forward pass; with them (one per
@@ -360,7 +371,7 @@ def routing_scores(model: nn.Module, ranks: int) -> Iterator[dict[int, list[torc
             handle.remove()
 
 
-def expert_counts(
+def budget_routing(
     model: nn.Module,
     counts: Sequence[int] | Mapping[int, int],
     alloc_t: bool = False,
@@ -368,8 +379,9 @@ def expert_counts(
     k_max: int | None = None,
     thresholds: Sequence[float] | None = None,
 ) -> contextlib.AbstractContextManager[ActivationCounter]:
-    """``token_alloc`` (the decode rule when ``thresholds`` are given) when ``alloc_t`` is set, else ``layer_topk``."""
-    return token_alloc(model, counts, k_min, k_max, thresholds) if alloc_t else layer_topk(model, counts)
+    """Context manager routing at ``counts``: ``alloc_t_routing`` (the decode rule when ``thresholds`` are given)
+    when ``alloc_t`` is set, else ``layer_topk``."""
+    return alloc_t_routing(model, counts, k_min, k_max, thresholds) if alloc_t else layer_topk(model, counts)
 
 
 def parse_max_memory(text: str) -> dict[int | str, str]:

@@ -32,7 +32,8 @@ from .fsutil import atomic_write_json
 PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSION = 2  # 2: token_mode and token_thresholds (Alloc-T's decode rule); version 1 plans still load
 TOKEN_MODES = ("batch", "decode", "both")  # which Alloc-T rule runs (see gguf_meta)
-METHODS = ("uniform", "uniform+t", "alloc-l", "alloc-l+t", "lexi", "refined", "custom")
+METHODS = ("uniform", "uniform+t", "alloc-l", "alloc-l+t", "refined", "custom")
+BUDGET_TOLERANCE = 0.02  # a plan matches a budget fraction asked for (--budget, --budgets) within this
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
@@ -122,7 +123,8 @@ def _int(value: Any, where: str) -> int:
 @dataclass(frozen=True)
 class PlanModelShape:
     """The model shape a plan (and a sensitivity file) records, and must agree with: block layout and
-    routing. Made from a transformers model by `hf.plan_shape`, from a GGUF by `gguf_meta.plan_shape`."""
+    routing. Filled once per source: from a transformers model or checkpoint by `hf.plan_shape`
+    (`hf.HfMoeShape.plan_shape`), from a GGUF by `gguf_meta.plan_shape`."""
 
     architecture: str
     n_layer: int
@@ -258,6 +260,18 @@ class Budget:
         return cls(fraction=fraction, count=count)
 
 
+def decode_ruled(k: int, k_min: int, k_max: int) -> bool:
+    """Whether a layer running ``k`` experts gets a calibrated decode-rule threshold: k_min < k < k_max.
+    At the ends it has none (None in a plan.json; `end_threshold` in a GGUF)."""
+    return k_min < k < k_max
+
+
+def end_threshold(k: int, k_min: int) -> float:
+    """The threshold a GGUF stores for a layer at an end: inf where it keeps k_min experts, -inf where
+    it keeps k_max."""
+    return math.inf if k <= k_min else -math.inf
+
+
 @dataclass(frozen=True)
 class Plan:
     """Per-layer expert counts for one model under one budget; validated on construction.
@@ -323,10 +337,10 @@ class Plan:
             return [f"{len(taus)} token_thresholds for {len(self.counts)} MoE layers"]
         out = []
         for block, k, tau in zip(self.model.moe_layers, self.counts, taus):
-            ends = k in (self.token_k_min, self.token_k_max)
-            if (tau is None) != ends or (tau is not None and not math.isfinite(tau)):
+            ruled = decode_ruled(k, self.token_k_min, self.token_k_max)
+            if (tau is not None) != ruled or (tau is not None and not math.isfinite(tau)):
                 out.append(f"token_thresholds at block {block}: expected "
-                           f"{'null (k is k_min or k_max)' if ends else 'a finite number'}, got {tau!r}")
+                           f"{'a finite number' if ruled else 'null (k is k_min or k_max)'}, got {tau!r}")
         return out
 
     def block_thresholds(self) -> list[float] | None:
@@ -335,7 +349,7 @@ class Plan:
             return None
         out = [math.inf] * self.model.n_layer
         for block, k, tau in zip(self.model.moe_layers, self.counts, self.token_thresholds):
-            out[block] = tau if tau is not None else (math.inf if k == self.token_k_min else -math.inf)
+            out[block] = end_threshold(k, self.token_k_min) if tau is None else tau
         return out
 
     def check_against(self, shape: PlanModelShape) -> None:

@@ -216,3 +216,47 @@ def plot_frontier(eval_result: dict[str, Any], bench_result: dict[str, Any], out
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return matched, len(eval_rows)
+
+
+# ---------------------------------------------------------------- demo report
+
+def demo_report(model: str, run: dict[str, Any], rows: list[dict[str, Any]], eval_result: dict[str, Any],
+                bench_result: dict[str, Any], speed_note: str, *, method: str, profile_mode: str, gguf: str,
+                heldout: str, files: Sequence[str]) -> str:
+    """The demo's ``report.md``: quality rows (`demo.quality_rows`), the speed table with ``speed_note`` on
+    which file was measured, the frontier plot and the steps of ``run`` (the manifest's ``last_run``).
+    ``method`` and ``profile_mode`` made the plans stored in ``gguf``; ``files`` are the artefacts made."""
+    settings = run["settings"]
+    steps = table(["step", "status", "seconds", "CPU seconds"],
+                  [[k, v["status"], f"{v['seconds']:.1f}", f"{v['cpu_seconds']:.1f}"] for k, v in run["steps"].items()],
+                  numbers_from=2)
+    return f"""# allocmoe demo: {model}
+
+{run['date']}, {run['tool']}, {settings['name']} settings, commit {bench_result['commit'] or 'unknown'}.
+Plans: {method} (DP on the mean KL divergence of {profile_mode} layer profiles), stored together in {gguf}.
+
+## Quality
+
+{demo_quality_table(rows)}
+
+{eval_result['chunks']} chunks of {eval_result['ctx']} tokens of {heldout} \
+({eval_result['chunks'] * eval_result['scored_per_chunk']} scored tokens, llama-perplexity's protocol), \
+llama.cpp; KLD and top-1 agreement are against the full-budget model. Decode limit: full-budget weight bytes \
+read per generated token divided by the row's (deterministic, from the file's tensor sizes).
+
+## Speed
+
+{speed_note}
+
+{speed_table(bench_result)}
+
+Backend {bench_result['backend']}, threads {bench_result['threads']}/{bench_result['threads_batch']}, \
+{settings['reps']} repetitions interleaved across configurations, mean ± sd. Speedups are over full budget in the \
+same run; "(tie)" marks one within the measured noise (|ratio - 1| <= its sd): no faster than full budget.
+{alloc_t_cost(bench_result)}
+![quality vs decode limit, measured speed](frontier.png)
+
+{steps}
+
+Total {run['seconds']:.1f} s. Files: {', '.join(files)}, eval.json, bench.json, frontier.png, manifest.json.
+"""

@@ -1,7 +1,8 @@
-"""Open a (budgeted) GGUF with the patched llama-cpp-python and pick its plan at load time.
+"""Open a (budgeted) GGUF with the patched llama-cpp-python and pick its plan at load time or per context.
 
 Importable without torch. A file that carries a plan is refused on a stock library (which
-would silently run it at full budget) unless ``allow_unpatched`` is set.
+would silently run it at full budget) unless ``allow_unpatched`` is set. Where routed experts are
+placed (``--cpu-moe``) is in `placement`, rpc-servers are in `rpc`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import inspect
 import os
-import re
-import socket
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AllocMoeError
-from .gguf_meta import GgufModelInfo, Keys, find_plan, read_header, read_info
+from .gguf_meta import GgufModelInfo, Keys, find_plan, read_info
+from .placement import cpu_moe_overrides, expert_placement, placement_line
 from .plan import TOKEN_MODES, check_fraction
+
+PATCH_SERIES_VERSION = 5  # llama_allocmoe_version() of the patch series this package builds (patches/0004)
 
 
 def llama_cpp_module() -> Any:
@@ -43,6 +45,16 @@ def patch_version() -> int | None:
     fn.restype = ctypes.c_int32
     fn.argtypes = []
     return int(fn())
+
+
+def require_patched(what: str) -> None:
+    """Raise unless the loaded libllama carries the patch series (`PATCH_SERIES_VERSION` or later); the
+    installed wheel is cached by the series' hash, so it has every patch. ``what`` starts the message."""
+    version = patch_version()
+    if version is None or version < PATCH_SERIES_VERSION:
+        installed = "a stock build, which runs every plan at full budget" if version is None else f"series {version}"
+        raise AllocMoeError(f"{what} needs the patched llama-cpp-python of series {PATCH_SERIES_VERSION} or later "
+                            f"(installed: {installed}); run `allocmoe build-runtime`")
 
 
 def doctor() -> dict[str, Any]:
@@ -118,8 +130,8 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
     closest to it, or full budget for 1.0. ``info`` is the file's metadata when the caller has
     already read it (evaluations load one file many times; gguf-py takes seconds over a large
     vocabulary). ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory as llama.cpp's
-    ``--cpu-moe`` / ``--n-cpu-moe`` do (see `cpu_moe_overrides`). ``rpc_servers`` ("host:port"
-    of llama.cpp rpc-servers) offload the ``n_gpu_layers`` layers to them (see `add_rpc_servers`).
+    ``--cpu-moe`` / ``--n-cpu-moe`` do (see `placement.cpu_moe_overrides`). ``rpc_servers`` ("host:port"
+    of llama.cpp rpc-servers) offload the ``n_gpu_layers`` layers to them (see `rpc.add_rpc_servers`).
     Every other keyword goes to ``llama_cpp.Llama``.
     """
     info = info or read_info(path)
@@ -131,6 +143,8 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
     kv = choice.kv_overrides(info)
     llama_cpp = llama_cpp_module()
     if rpc_servers:
+        from .rpc import add_rpc_servers  # rpc imports this module
+
         if not llama_kwargs.get("n_gpu_layers"):
             raise AllocMoeError("rpc_servers take the offloaded layers: give n_gpu_layers (-1 or 99 for all of them)")
         add_rpc_servers(rpc_servers)
@@ -162,76 +176,6 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
 
 
 GPU_ALLOC_T_ENV = "ALLOCMOE_GPU_ALLOC_T"
-_RPC_SERVERS: set[str] = set()  # endpoints registered in this process
-
-
-def add_rpc_servers(endpoints: Sequence[str], timeout: float = 5.0) -> None:
-    """Register llama.cpp rpc-servers ("host:port") as ggml devices, as llama.cpp's ``--rpc`` does.
-
-    Registration is per process and permanent: every later load with ``n_gpu_layers`` > 0 splits
-    its offloaded layers over all registered servers (and local GPUs), RPC devices first, in
-    proportion to their free memory (``tensor_split`` sets other proportions). Each endpoint is
-    reached once first, because ggml aborts the process when a server does not answer.
-    """
-    llama_cpp = llama_cpp_module()
-    if not llama_cpp.llama_supports_rpc():
-        raise AllocMoeError("the installed llama-cpp-python was built without RPC; run `allocmoe build-runtime --rpc`")
-    lib = llama_cpp.llama_cpp._lib
-    add_server = _rpc_add_server(lib)
-    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    for endpoint in endpoints:
-        if endpoint in _RPC_SERVERS:
-            continue
-        _check_reachable(endpoint, timeout)
-        reg = add_server(endpoint.encode())
-        if not reg:
-            raise AllocMoeError(f"rpc-server {endpoint} offers no device")
-        lib.ggml_backend_register(reg)
-        _RPC_SERVERS.add(endpoint)
-
-
-def _rpc_add_server(lib: Any) -> Any:
-    """ggml's ``ggml_backend_rpc_add_server(endpoint) -> backend registry``, found as llama.cpp's
-    common/arg.cpp finds it: through the RPC registry's proc address."""
-    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    rpc = lib.ggml_backend_reg_by_name(b"RPC")
-    address = lib.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
-    return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(address)
-
-
-def _check_reachable(endpoint: str, timeout: float) -> None:
-    """Raise a clear error unless a TCP connection to ``endpoint`` ("host:port") opens."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise AllocMoeError(f"rpc-server {endpoint!r} is not host:port")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise AllocMoeError(f"rpc-server {endpoint} does not answer ({e}); start it there with "
-                            f"`ggml-rpc-server --host 0.0.0.0 -p {port}`") from e
-
-
-def cpu_expert_blocks(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[int]:
-    """MoE blocks whose routed experts stay in system memory, as llama.cpp's ``--cpu-moe`` (all of
-    them) and ``--n-cpu-moe N`` (those among the first N blocks) place them."""
-    if n_cpu_moe < 0:
-        raise AllocMoeError(f"--n-cpu-moe {n_cpu_moe} must be >= 0")
-    return [b for b in info.moe_layers if cpu_moe or b < n_cpu_moe]
-
-
-# llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the routed-expert tensors of a block
-EXPERT_TENSOR_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-
-
-def cpu_moe_overrides(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> list[tuple[str, str]]:
-    """The ``tensor_buft_overrides`` (regex, "CPU") that llama.cpp's ``--cpu-moe`` (one pattern for
-    every block) and ``--n-cpu-moe N`` (one per MoE block below N) build; empty when neither is set."""
-    if cpu_moe:
-        return [(EXPERT_TENSOR_REGEX, "CPU")]
-    return [(rf"blk\.{b}{EXPERT_TENSOR_REGEX}", "CPU") for b in cpu_expert_blocks(info, n_cpu_moe=n_cpu_moe)]
 
 
 def _cpu_moe_kwargs(info: GgufModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[str, Any]:
@@ -247,48 +191,6 @@ def _cpu_moe_kwargs(info: GgufModelInfo, cpu_moe: bool, n_cpu_moe: int) -> dict[
     if llama_cpp.llama_supports_gpu_offload():
         print(f"allocmoe: {placement_line(expert_placement(info, cpu_moe, n_cpu_moe))}", file=sys.stderr)
     return {"tensor_buft_overrides": overrides}
-
-
-def expert_tensor_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
-    """Bytes of the routed-expert tensors of each block of a GGUF, from its tensor table."""
-    sizes: dict[int, int] = {}
-    for t in read_header(path).tensors:
-        m = re.match(r"blk\.(\d+)\.", t.name)
-        if m and re.search(EXPERT_TENSOR_REGEX, t.name):
-            sizes[int(m.group(1))] = sizes.get(int(m.group(1)), 0) + int(t.n_bytes)
-    return sizes
-
-
-def expert_placement(info: GgufModelInfo, cpu_moe: bool = False, n_cpu_moe: int = 0) -> dict[str, Any]:
-    """Where ``--cpu-moe`` / ``--n-cpu-moe`` put the routed experts, as JSON for inspect and bench:
-    the flags, the MoE blocks whose experts stay in system memory (``cpu_blocks``, out of
-    ``moe_blocks``), the bytes of their expert tensors (``cpu_expert_bytes``) and of all blocks'
-    expert tensors (``expert_bytes``)."""
-    blocks = cpu_expert_blocks(info, cpu_moe, n_cpu_moe)
-    sizes = expert_tensor_bytes(info.path)
-    return {"cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe, "cpu_blocks": blocks, "moe_blocks": len(info.moe_layers),
-            "cpu_expert_bytes": sum(sizes.get(b, 0) for b in blocks), "expert_bytes": sum(sizes.values())}
-
-
-def placement_line(placement: dict[str, Any]) -> str:
-    """One line saying which blocks' routed experts are in system memory and how many MiB."""
-    blocks = placement["cpu_blocks"]
-    if not blocks:
-        return "routed experts: none in system memory"
-    mib = placement["cpu_expert_bytes"] / 2**20, placement["expert_bytes"] / 2**20
-    return (f"routed experts of {len(blocks)} of {placement['moe_blocks']} MoE blocks ({_ranges(blocks)}) stay in "
-            f"system memory: {mib[0]:.1f} of {mib[1]:.1f} MiB")
-
-
-def _ranges(values: list[int]) -> str:
-    """Sorted integers as compact ranges: [0, 1, 2, 5] -> "0-2,5"."""
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and runs[-1][1] == v - 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _alloc_t_on_gpu(info: GgufModelInfo, kv: dict[str, bool | int | float | str], n_gpu_layers: int) -> bool:
@@ -319,7 +221,6 @@ def forward_log(level: int, text: bytes, user_data: Any) -> None:
     are kept for the load error's message while loading, and written to stderr otherwise.
     """
     import logging
-    import sys
 
     from llama_cpp import _logger
 
@@ -353,9 +254,6 @@ def layer_counts(llm: Any) -> list[int]:
     return [int(fn(llm._ctx.ctx, i)) for i in range(n_layer)]
 
 
-PER_CONTEXT_PLAN_VERSION = 5  # llama_allocmoe_version() from which a context chooses its plan
-
-
 def context_plan(choice: LoadChoice) -> int:
     """The plan argument of llama_allocmoe_set_plan for ``choice`` (a stored plan, full budget or the
     plan chosen at load); uniform top-k and the Alloc-T overrides are chosen at load only."""
@@ -373,11 +271,8 @@ def set_context_plan(ctx: Any, choice: LoadChoice) -> None:
     weights: every context of one loaded model may run another stored plan (its graph is rebuilt
     for the plan). Tokens already in the context's KV cache were computed under the previous plan.
     Calls the function as the patched bindings declare it (patches/bindings/0002)."""
+    require_patched("choosing a plan per context")
     llama_cpp = llama_cpp_module()
-    version = patch_version()
-    if version is None or version < PER_CONTEXT_PLAN_VERSION or not hasattr(llama_cpp, "LLAMA_ALLOCMOE_PLAN_MODEL"):
-        raise AllocMoeError("choosing a plan per context needs the patched runtime of series "
-                            f"{PER_CONTEXT_PLAN_VERSION} or later; run `allocmoe build-runtime`")
     install_log()
     _LOG.loading = []
     try:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AllocMoeError
+from .plan import decode_ruled, end_threshold
 
 QUANTILES = 257  # probabilities 0, 1/256, ..., 1
 _LEVELS = np.linspace(0.0, 1.0, QUANTILES)
@@ -75,14 +76,12 @@ def expected_count(stats: LayerRouting, tau: float, k_min: int, k_max: int) -> f
 
 
 def solve_threshold(stats: LayerRouting, k: int, k_min: int, k_max: int) -> float:
-    """The threshold whose expected experts per token is ``k`` (inf for k = k_min, -inf for k = k_max)."""
+    """The threshold whose expected experts per token is ``k`` (`plan.end_threshold` for k = k_min or k_max)."""
     if not 1 <= k_min <= k <= k_max:
         raise AllocMoeError(f"decode thresholds need 1 <= k_min <= k <= k_max, got {k_min}, {k}, {k_max}")
     _check_ranks(stats, k_max)
-    if k == k_min:
-        return math.inf
-    if k == k_max:
-        return -math.inf
+    if not decode_ruled(k, k_min, k_max):
+        return end_threshold(k, k_min)
     lo = min(stats.quantiles[r][0] for r in range(k_min, k_max))
     hi = max(stats.quantiles[r][-1] for r in range(k_min, k_max))
     for _ in range(100):  # expected_count falls as tau rises
@@ -101,14 +100,22 @@ def plan_thresholds(routing: Sequence[LayerRouting], layers: Sequence[int], coun
     return tuple(solve_threshold(by_layer[b], k, k_min, k_max) for b, k in zip(layers, counts))
 
 
-def block_thresholds(routing: Sequence[LayerRouting], counts: Sequence[int], moe_layers: Sequence[int], k_min: int,
-                     k_max: int) -> tuple[float, ...]:
-    """Thresholds per block for per-block ``counts``: calibrated where k_min < k < k_max, inf where a
-    token keeps k_min experts (and for blocks without experts), -inf where it keeps k_max."""
-    inner = [b for b in moe_layers if k_min < counts[b] < k_max]
-    taus = dict(zip(inner, plan_thresholds(routing, inner, [counts[b] for b in inner], k_min, k_max)))
-    return tuple(taus.get(b, -math.inf if b in moe_layers and counts[b] >= k_max else math.inf)
-                 for b in range(len(counts)))
+def ruled_thresholds(routing: Sequence[LayerRouting], layers: Sequence[int], counts: Sequence[int], k_min: int,
+                     k_max: int) -> tuple[float | None, ...]:
+    """One threshold per MoE layer (in ``layers`` order) as a plan.json holds them: calibrated where the
+    decode rule runs (`plan.decode_ruled`), None at the ends (which need no routing statistics)."""
+    inner = [(b, k) for b, k in zip(layers, counts) if decode_ruled(k, k_min, k_max)]
+    taus = plan_thresholds(routing, [b for b, _ in inner], [k for _, k in inner], k_min, k_max)
+    return tuple(dict(zip((b for b, _ in inner), taus)).get(b) for b in layers)
+
+
+def calibrated_block_thresholds(routing: Sequence[LayerRouting], counts: Sequence[int], moe_layers: Sequence[int],
+                                k_min: int, k_max: int) -> tuple[float, ...]:
+    """Thresholds per block for per-block ``counts``, as a GGUF stores them: `ruled_thresholds`,
+    `plan.end_threshold` at the ends and inf for blocks without routed experts."""
+    ruled = ruled_thresholds(routing, moe_layers, [counts[b] for b in moe_layers], k_min, k_max)
+    taus = {b: end_threshold(counts[b], k_min) if tau is None else tau for b, tau in zip(moe_layers, ruled)}
+    return tuple(taus.get(b, math.inf) for b in range(len(counts)))
 
 
 def _check_ranks(stats: LayerRouting, k_max: int) -> None:

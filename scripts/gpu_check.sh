@@ -71,7 +71,7 @@ synth_one() {  # shape layers output
     local raw=${3%.plans.gguf}.gguf
     [[ -f $3 ]] && return 0
     "$PY" -m allocmoe_edge synth --shape "$1" --type q4_0 ${2:+--layers "$2"} -o "$raw" &&
-    "$PY" -c "import sys; from allocmoe_edge.bench import stamp_uniform_split as s; s(sys.argv[1], sys.argv[2], (0.75, 0.5, 0.25), True)" \
+    "$PY" -c "import sys; from allocmoe_edge.allocate import stamp_uniform_split as s; s(sys.argv[1], sys.argv[2], (0.75, 0.5, 0.25), True)" \
         "$raw" "$3" && rm -f "$raw"
 }
 

@@ -52,7 +52,7 @@ def torch_logits(hf_dir: Path, tokens: Sequence[int], counts: Sequence[int] | No
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ctx = contextlib.nullcontext()
     if alloc_t is not None:
-        ctx = hf.token_alloc(model, counts, **alloc_t)
+        ctx = hf.alloc_t_routing(model, counts, **alloc_t)
     elif counts is not None:
         ctx = hf.layer_topk(model, counts)
     with torch.no_grad(), ctx:

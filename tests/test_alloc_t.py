@@ -1,4 +1,4 @@
-"""Alloc-T in llama.cpp (patch 0005) against the torch reference (hf.token_alloc) on the same
+"""Alloc-T in llama.cpp (patch 0005) against the torch reference (hf.alloc_t_routing) on the same
 token group (one ubatch): logits, executed activations per layer, per-token counts."""
 
 from __future__ import annotations

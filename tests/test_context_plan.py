@@ -85,14 +85,14 @@ def test_use_plan_switches_a_loaded_llama_between_requests(patched_runtime, two_
 def test_a_stored_plan_that_cannot_run_fails_only_where_it_is_chosen(patched_runtime, tiny_gguf, tmp_path):
     import gguf
 
-    from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata
+    from allocmoe_edge.gguf_meta import Keys, copy_with_metadata
 
     _, path = tiny_gguf("mixtral")
     info = read_info(path)
     good = stamp(path, tmp_path / "g.gguf", [plan_for_counts(info, c) for c in PLANS], k_min=1, k_max=3)
     bad = tmp_path / "b.gguf"  # plan 1's counts above the expert count
     T = gguf.GGUFValueType
-    copy_with_metadata(good.path, bad, {PREFIX + "plan.1.layer_expert_counts": ([2, 9, 2], T.ARRAY, T.UINT32)},
+    copy_with_metadata(good.path, bad, {Keys.PLAN_LAYER_EXPERT_COUNTS.format(index=1): ([2, 9, 2], T.ARRAY, T.UINT32)},
                        drop=lambda k: False)
     llm = load(bad)  # the default plan, 0, is fine
     try:

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from allocmoe_edge.convert import build_budgeted_gguf, convert_hf, hf_plan_shape
+from allocmoe_edge.convert import build_budgeted_gguf, convert_hf
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.gguf_meta import read_info
+from allocmoe_edge.hf import plan_shape
 from allocmoe_edge.plan import Budget, Plan
 from allocmoe_edge.runtime import LoadChoice
 
@@ -27,7 +28,7 @@ COUNTS = {"mixtral": (1, 3, 2), "qwen2_moe": (2, 1, 3), "qwen3_moe": (2, 1, 1), 
 
 
 def _plan(hf_dir, counts, tmp_path, name="plan.json", method="alloc-l") -> str:
-    ident = hf_plan_shape(hf_dir)
+    ident = plan_shape(hf_dir)
     plan = Plan(model=ident, budget=Budget.parse(sum(counts), ident), method=method, counts=tuple(counts),
                 token_k_max=0)
     plan.save(tmp_path / name)

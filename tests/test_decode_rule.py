@@ -1,5 +1,5 @@
 """Alloc-T's decode rule: threshold calibration (thresholds.py), the torch reference (select_above,
-hf.token_alloc with thresholds) and llama.cpp one token per ubatch against it."""
+hf.alloc_t_routing with thresholds) and llama.cpp one token per ubatch against it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from allocmoe_edge.alloc_t_reference import select_above
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.thresholds import LayerRouting, expected_count, plan_thresholds, rank_quantiles, solve_threshold
-from allocmoe_edge.token_alloc import select_above
+from allocmoe_edge.plan import decode_ruled, end_threshold
+from allocmoe_edge.thresholds import (
+    LayerRouting,
+    calibrated_block_thresholds,
+    expected_count,
+    plan_thresholds,
+    rank_quantiles,
+    ruled_thresholds,
+    solve_threshold,
+)
 
 
 def _ranked(n: int = 4000, n_expert: int = 16, seed: int = 0) -> np.ndarray:
@@ -65,6 +74,16 @@ CASES = {
     "olmoe": ([2, 3, 2], 4),
     "deepseek_v3": ([2, 2, 2], 3),
 }
+
+
+def test_one_rule_for_which_layers_get_a_threshold():
+    assert [decode_ruled(k, 1, 6) for k in (1, 2, 5, 6)] == [False, True, True, False]
+    assert not decode_ruled(3, 1, 0)  # Alloc-T off: no layer runs the decode rule
+    assert (end_threshold(1, 1), end_threshold(6, 1), end_threshold(2, 2)) == (math.inf, -math.inf, math.inf)
+    stats = [rank_quantiles(3, _ranked())]  # the ends need no routing statistics
+    tau = solve_threshold(stats[0], 3, 1, 6)
+    assert ruled_thresholds(stats, [1, 2, 3], [1, 6, 3], 1, 6) == (None, None, tau)
+    assert calibrated_block_thresholds(stats, [6, 1, 6, 3], [1, 2, 3], 1, 6) == (math.inf, math.inf, -math.inf, tau)
 
 
 def _calibrated(hf_dir, tokens, counts, k_max):
@@ -124,7 +143,7 @@ def test_decode_rule_one_token_per_ubatch_matches_torch(patched_runtime, tiny_gg
     from allocmoe_edge import hf
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad(), hf.token_alloc(model, counts, **alloc_t) as counter:
+    with torch.no_grad(), hf.alloc_t_routing(model, counts, **alloc_t) as counter:
         model(torch.tensor([tokens]))
     for b in layers:
         assert acts[b]["active"] == counter.activations[b], (b, acts[b]["active"], counter.activations[b])
@@ -157,7 +176,7 @@ def test_decode_mode_needs_thresholds_and_batch_files_are_unchanged(patched_runt
 def test_random_token_calibration_meets_the_budget_when_decoding(patched_runtime, tmp_path):
     """bench's uniform-split plans on a synthetic file: thresholds from llama.cpp's own routing of
     random tokens; decoding other random tokens one at a time spends close to each plan's count."""
-    from allocmoe_edge.bench import stamp_uniform_split
+    from allocmoe_edge.allocate import stamp_uniform_split
     from allocmoe_edge.graph_probe import DecodeCounter
     from allocmoe_edge.runtime import LoadChoice, load
     from allocmoe_edge.synth import synthesize

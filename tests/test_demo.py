@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from allocmoe_edge import assets
-from allocmoe_edge.demo import BUDGETS, QUICK, SPEED_SHAPE, STEPS, _Run, run_demo
+from allocmoe_edge.demo import BUDGETS, QUICK, SPEED_SHAPE, STEPS, DemoPipeline, run_demo
 from allocmoe_edge.errors import AllocMoeError
 
 
@@ -68,7 +68,7 @@ def test_demo_leaves_out_budgets_below_one_expert_per_layer(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     log = io.StringIO()
-    run = _Run(out, QUICK, hf, None, assets.calib_text(), assets.heldout_text(), Console(file=log, width=300))
+    run = DemoPipeline(out, QUICK, hf, None, assets.calib_text(), assets.heldout_text(), Console(file=log, width=300))
     run_profile(hf, assets.calib_text(), run.sensitivity, ctx=QUICK.ctx, max_tokens=256)
     run.allocate()
     assert run.budgets == (0.25, 0.5, 0.75)

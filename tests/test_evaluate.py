@@ -1,5 +1,5 @@
-"""`allocmoe eval`: metrics against hand computations, llama-perplexity's chunking, configurations,
-and (with the patched runtime) a tiny model end to end."""
+"""`allocmoe eval`: configurations, the chunking protocol with a fake runtime, and (with the patched
+runtime) a tiny model end to end; the metrics and windows themselves are in test_quality.py."""
 
 from __future__ import annotations
 
@@ -14,87 +14,12 @@ import numpy as np
 import pytest
 
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.evaluate import (
-    chunk_tokens,
-    evaluate_llama,
-    gguf_configurations,
-    log_probs,
-    mean_se,
-    percentile,
-    perplexity,
-    score_positions,
-    scored,
-    summarize,
-    uniform_k,
-)
-from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.evaluate import evaluate_llama, gguf_configurations, uniform_k
+from allocmoe_edge.gguf_meta import Keys, copy_with_metadata, plan_for_counts, read_info, stamp
 from allocmoe_edge.presentation import eval_table
 from allocmoe_edge.runtime import LoadChoice
 
 from .ggufs import write_fake_moe
-
-
-def test_log_probs_normalised_and_shift_invariant():
-    logits = np.array([[0.0, 1.0, 2.0], [1000.0, 1000.0, 1000.0]], dtype=np.float32)
-    lp = log_probs(logits)
-    assert lp.dtype == np.float32
-    np.testing.assert_allclose(np.exp(lp).sum(axis=-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(lp[1], np.log(1 / 3), rtol=1e-6)
-    np.testing.assert_allclose(lp[0], np.array([0.0, 1.0, 2.0]) - np.log(1 + np.e + np.e**2), rtol=1e-6)
-
-
-def test_perplexity_of_uniform_distribution_is_vocab_size():
-    lp = log_probs(np.zeros((20, 8), dtype=np.float32))
-    scores = score_positions(lp, np.arange(20) % 8, lp)
-    ppl, se = perplexity(scores["nll"])
-    assert ppl == pytest.approx(8.0, rel=1e-6) and se == 0.0
-
-
-def test_mean_se_and_ppl_se_as_perplexity_cpp():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    # E[x^2] - E[x]^2 = 7.5 - 6.25 = 1.25; se = sqrt(1.25 / 3)
-    assert mean_se(x) == pytest.approx((2.5, math.sqrt(1.25 / 3)))
-    ppl, se = perplexity(x)
-    assert ppl == pytest.approx(math.exp(2.5)) and se == pytest.approx(math.exp(2.5) * math.sqrt(1.25 / 3))
-    assert mean_se(np.array([5.0])) == (5.0, 0.0)
-
-
-def test_kld_identical_is_exactly_zero_and_known_pair():
-    rng = np.random.default_rng(0)
-    lp = log_probs(rng.normal(size=(40, 50)).astype(np.float32))  # more rows than one block
-    same = score_positions(lp, np.zeros(40, dtype=int), lp)
-    assert np.all(same["kld"] == 0) and np.all(same["p_diff"] == 0) and same["same_top"].all()
-    p, q = np.array([[0.5, 0.5]]), np.array([[0.9, 0.1]])
-    got = score_positions(np.log(q).astype(np.float32), np.array([1]), np.log(p).astype(np.float32))
-    assert got["kld"][0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-6)
-    assert got["nll"][0] == pytest.approx(-math.log(0.1), rel=1e-6)
-    assert got["p_diff"][0] == pytest.approx(0.1 - 0.5, rel=1e-6)
-
-
-def test_top1_p99_rms_summary():
-    ref = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]])).astype(np.float32)
-    cur = np.log(np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])).astype(np.float32)
-    targets = np.array([0, 1, 2, 0])
-    s = summarize(score_positions(cur, targets, ref))
-    assert s["top1"] == pytest.approx(0.5)
-    assert s["rms_dp"] == pytest.approx(math.sqrt(np.mean(np.square([0.6 - 0.7, 0.4 - 0.8, 0.0, 0.1 - 0.5]))), rel=1e-5)
-    assert s["n_tokens"] == 4
-    assert percentile(np.arange(101.0), 0.99) == pytest.approx(99.0)
-    assert percentile(np.array([0.0, 1.0]), 0.99) == pytest.approx(0.99)  # interpolated, as llama.cpp
-
-
-def test_chunks_bos_and_second_half_scored():
-    tokens = list(range(100, 125))  # 25 tokens: 3 chunks of 8, one left over
-    chunks = chunk_tokens(tokens, 8, bos=1)
-    assert chunks.shape == (3, 8)
-    assert chunks[:, 0].tolist() == [1, 1, 1] and chunks[1, 1:].tolist() == list(range(109, 116))
-    assert chunk_tokens(tokens, 8).tolist()[2] == list(range(116, 124))
-    assert chunk_tokens(tokens, 8, chunks=2).shape == (2, 8)
-    rows = scored(8)
-    assert (rows.start, rows.stop) == (4, 7)  # logits at positions 4..6 predict tokens 5..7
-    assert chunks[0, rows.start + 1:].tolist() == [105, 106, 107]
-    with pytest.raises(AllocMoeError, match="needs at least 8"):
-        chunk_tokens(tokens[:7], 8)
 
 
 def test_configurations_cover_methods_and_dedupe(tmp_path):
@@ -120,7 +45,7 @@ def test_configurations_cover_methods_and_dedupe(tmp_path):
 
 
 def _synthetic_copy(src, dst):
-    copy_with_metadata(src, dst, {PREFIX + "synthetic": (True, gguf.GGUFValueType.BOOL, None)}, drop=lambda k: False)
+    copy_with_metadata(src, dst, {Keys.SYNTHETIC: (True, gguf.GGUFValueType.BOOL, None)}, drop=lambda k: False)
     return dst
 
 
@@ -297,4 +222,7 @@ def test_evaluate_torch_plans_rows(tmp_path):
     full, plan_row = result["results"][0], result["results"][2]
     assert full["kld_mean"] == 0.0 and full["top1"] == 1.0 and full["activations_per_token"] == ident.full_budget
     assert plan_row["activations_per_token"] == sum(counts) and plan_row["kld_mean"] > 0
+    # the llama.cpp backend's row, from the same metric code: standard errors and Δp included
+    assert plan_row["ppl_se"] > 0 and plan_row["rms_dp"] > 0 and plan_row["n_tokens"] == 2 * 7
+    assert full["kld_se"] == full["rms_dp"] == 0.0
     assert result["chunks"] == 2 and "| full |" in eval_table(result)

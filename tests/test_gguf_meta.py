@@ -14,12 +14,14 @@ from allocmoe_edge.gguf_meta import (
     copy_with_metadata,
     expand_counts,
     find_plan,
+    pack_entry,
     plan_for_counts,
+    read_header,
     read_info,
     stamp,
     stored_plan_from_file,
 )
-from allocmoe_edge.plan import Budget, Plan, PlanModelShape
+from allocmoe_edge.plan import BUDGET_TOLERANCE, Budget, Plan, PlanModelShape
 
 from .ggufs import write_fake_moe
 
@@ -120,8 +122,10 @@ def test_find_plan_by_budget(tmp_path):
     info = read_info(src)
     out = stamp(src, tmp_path / "o.gguf", [plan_for_counts(info, [1, 1, 1, 1]), plan_for_counts(info, [2, 1, 2, 1])])
     assert find_plan(out, 0.5) == 0 and find_plan(out, 0.75) == 1
-    with pytest.raises(AllocMoeError, match="no stored plan"):
-        find_plan(out, 0.25)
+    assert find_plan(out, 0.5 - BUDGET_TOLERANCE / 2) == 0  # the tolerance `allocmoe eval --budgets` matches with
+    for budget in (0.25, 0.5 - 2 * BUDGET_TOLERANCE):
+        with pytest.raises(AllocMoeError, match="no stored plan"):
+            find_plan(out, budget)
     assert isinstance(out.plans[0], StoredPlan)
 
 
@@ -180,3 +184,47 @@ def test_copy_keeps_a_custom_alignment(tmp_path):
     for t in reader.tensors:
         np.testing.assert_array_equal(np.array(t.data), tensors[t.name])
         assert t.data_offset % 64 == 0
+
+
+T = gguf.GGUFValueType
+# one entry of every value type gguf-py writes, arrays of every item type included
+ENTRIES = [("t.u8", 200, T.UINT8, None), ("t.i8", -100, T.INT8, None), ("t.u16", 60000, T.UINT16, None),
+           ("t.i16", -30000, T.INT16, None), ("t.u32", 2**32 - 1, T.UINT32, None), ("t.i32", -(2**31), T.INT32, None),
+           ("t.u64", 2**64 - 1, T.UINT64, None), ("t.i64", -(2**63), T.INT64, None), ("t.f32", 0.5, T.FLOAT32, None),
+           ("t.f64", -1e300, T.FLOAT64, None), ("t.yes", True, T.BOOL, None), ("t.no", False, T.BOOL, None),
+           ("t.str", "Grüße, 世界", T.STRING, None), ("t.empty_str", "", T.STRING, None),
+           ("t.u32s", [1, 2, 2**32 - 1], T.ARRAY, T.UINT32), ("t.i32s", [-1, 0, 7], T.ARRAY, T.INT32),
+           ("t.f32s", [0.25, float("inf"), -2.0], T.ARRAY, T.FLOAT32), ("t.f64s", [1e-300], T.ARRAY, T.FLOAT64),
+           ("t.u8s", [0, 255], T.ARRAY, T.UINT8), ("t.i64s", [-(2**63)], T.ARRAY, T.INT64),
+           ("t.bools", [True, False, True], T.ARRAY, T.BOOL), ("t.strs", ["a", "", "ß"], T.ARRAY, T.STRING)]
+
+
+@pytest.mark.parametrize("endianess", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_pack_entry_writes_what_gguf_py_writes(tmp_path, endianess):
+    """Byte for byte the key/value section gguf-py's writer puts in a file, in either byte order."""
+    path = tmp_path / "kv.gguf"
+    w = gguf.GGUFWriter(path, "qwen2moe", endianess=endianess)  # its first entry: general.architecture
+    for key, value, vtype, sub in ENTRIES:
+        w.add_key_value(key, value, vtype, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    order = ">" if endianess == gguf.GGUFEndian.BIG else "<"
+    ours = pack_entry("general.architecture", "qwen2moe", T.STRING, byteorder=order) + b"".join(
+        pack_entry(key, value, vtype, sub, order) for key, value, vtype, sub in ENTRIES)
+    assert path.read_bytes()[24:] == ours  # after magic, version, tensor and key/value counts
+
+
+def test_pack_entry_writes_empty_arrays_and_refuses_unknown_types(tmp_path):
+    """Empty arrays (which gguf-py refuses) read back empty, with their item type."""
+    src = write_fake_moe(tmp_path / "m.gguf")
+    out = tmp_path / "o.gguf"
+    copy_with_metadata(src, out, {Keys.LAYER_EXPERT_COUNTS: ([], T.ARRAY, T.UINT32),
+                                  Keys.TOOL: ([], T.ARRAY, T.STRING)}, drop=lambda k: False)
+    header = read_header(out)
+    assert header.get(Keys.LAYER_EXPERT_COUNTS) == [] and header.fields[Keys.LAYER_EXPERT_COUNTS].sub_type == T.UINT32
+    assert header.get(Keys.TOOL) == [] and header.fields[Keys.TOOL].sub_type == T.STRING
+    with pytest.raises(ValueError, match="cannot pack"):
+        pack_entry("t.nested", [[1]], T.ARRAY, T.ARRAY)
+    with pytest.raises(ValueError, match="cannot pack"):
+        pack_entry("t.array_without_items_type", [1], T.ARRAY)

@@ -31,7 +31,7 @@ def gpu() -> None:
 def dsv2_tiny(tmp_path_factory):
     """The 3-block DeepSeek-V2-Lite synth with uniform-split plans at 75/50/25 % (Alloc-T enabled, with
     decode thresholds)."""
-    from allocmoe_edge.bench import stamp_uniform_split
+    from allocmoe_edge.allocate import stamp_uniform_split
     from allocmoe_edge.synth import synthesize
 
     folder = tmp_path_factory.mktemp("dsv2")
@@ -138,7 +138,7 @@ def test_cpu_moe_keeps_the_experts_in_system_memory(gpu, tmp_path, capfd):
     logits stay those of the fully offloaded model, and the runtime says where the experts are."""
     from allocmoe_edge.gguf_meta import read_info
     from allocmoe_edge.graph_probe import moe_activations
-    from allocmoe_edge.runtime import expert_placement
+    from allocmoe_edge.placement import expert_placement
     from allocmoe_edge.synth import synthesize
 
     info = read_info(synthesize("qwen3-30b-a3b", "q4_0", tmp_path / "qwen3-2.gguf", n_layer=2))

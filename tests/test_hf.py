@@ -5,9 +5,9 @@ from functools import cache
 import pytest
 import torch
 
+from allocmoe_edge.alloc_t_reference import select
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, moe_shape, parse_max_memory, plan_shape, token_alloc
-from allocmoe_edge.token_alloc import select
+from allocmoe_edge.hf import alloc_t_routing, layer_topk, moe_shape, parse_max_memory, plan_shape
 
 from .tiny_models import ARCHS, make_tiny_model
 
@@ -62,7 +62,7 @@ def test_full_counts_give_identical_logits(arch):
     info = moe_shape(m)
     full = [info.k_orig] * len(info.layers)
     ref = logits(m, x)
-    for mode in (layer_topk, token_alloc):
+    for mode in (layer_topk, alloc_t_routing):
         with mode(m, full) as counter:
             assert torch.equal(logits(m, x), ref), mode.__name__
         assert counter.per_token() == {b: float(info.k_orig) for b in EXPECTED[arch][1]}
@@ -76,7 +76,7 @@ def test_single_token_alloc_t_is_topk_and_counts_spent(arch):
     x = ids(2, 9, seed=1)
     with layer_topk(m, counts):
         topk_single = logits(m, x[:1, :1])
-    with token_alloc(m, counts) as counter:
+    with alloc_t_routing(m, counts) as counter:
         single = logits(m, x[:1, :1])  # T = 1: Alloc-T is plain top-k_l
         logits(m, x)
     torch.testing.assert_close(single, topk_single, rtol=1e-5, atol=1e-5)
@@ -91,7 +91,7 @@ def test_k_max_equal_counts_is_layer_topk(arch):
     x = ids(2, 9, seed=2)
     with layer_topk(m, [k] * n):
         topk = logits(m, x)
-    with token_alloc(m, [k] * n, k_max=k):
+    with alloc_t_routing(m, [k] * n, k_max=k):
         assert torch.equal(logits(m, x), topk)
 
 
@@ -111,7 +111,7 @@ def test_alloc_t_router_matches_reference(arch):
     with torch.no_grad():
         with layer_topk(m, [k_max] * n):  # the model's own top-k_max candidates and weights
             router_logits, cand_w, cand = layer.router(hidden)
-        with token_alloc(m, [k] * n, k_min, k_max):
+        with alloc_t_routing(m, [k] * n, k_min, k_max):
             _, weights, index = layer.router(hidden)
     # reference: Alloc-T over the candidates' selection scores
     scores = torch.full_like(router_logits, float("-inf"), dtype=torch.float32)
@@ -138,7 +138,7 @@ def test_topk_restored_after_error():
     m = model("olmoe")
     before = [layer.router.top_k for layer in moe_shape(m).layers]
     with pytest.raises(RuntimeError):
-        with token_alloc(m, [1, 1, 1]):
+        with alloc_t_routing(m, [1, 1, 1]):
             raise RuntimeError("boom")
     assert [layer.router.top_k for layer in moe_shape(m).layers] == before
     assert all(not layer.router._forward_hooks for layer in moe_shape(m).layers)
@@ -153,13 +153,13 @@ def test_bad_counts_raise():
         with layer_topk(m, [0, 1, 1]):
             pass
     with pytest.raises(AllocMoeError):
-        with token_alloc(m, [3, 3, 3], k_max=2):
+        with alloc_t_routing(m, [3, 3, 3], k_max=2):
             pass
     with pytest.raises(AllocMoeError, match="not MoE layers"):
         with layer_topk(model("deepseek_v3"), {0: 1}):
             pass
     with pytest.raises(AllocMoeError, match="can select"):  # group limit: 1 of 2 groups of 4 experts
-        with token_alloc(model("deepseek_v3"), [3, 3, 3], k_max=5):
+        with alloc_t_routing(model("deepseek_v3"), [3, 3, 3], k_max=5):
             pass
 
 
@@ -188,11 +188,11 @@ def test_cuda_routing(arch, dtype):
     n, k = len(info.layers), info.k_orig
     x = ids(2, 9).cuda()
     ref = logits(m, x)
-    with token_alloc(m, [k] * n):
+    with alloc_t_routing(m, [k] * n):
         assert torch.equal(logits(m, x), ref)
     with layer_topk(m, [1, 2, 1]):
         topk_single = logits(m, x[:1, :1])
-    with token_alloc(m, [1, 2, 1]) as counter:
+    with alloc_t_routing(m, [1, 2, 1]) as counter:
         torch.testing.assert_close(logits(m, x[:1, :1]), topk_single)
         assert torch.isfinite(logits(m, x)).all()
     assert counter.per_token() == dict(zip(EXPECTED[arch][1], [1.0, 2.0, 1.0]))

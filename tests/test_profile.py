@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from allocmoe_edge.cli import cli
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.hf import layer_topk, load_model, moe_shape, plan_shape, token_alloc
+from allocmoe_edge.hf import alloc_t_routing, layer_topk, load_model, moe_shape, plan_shape
 from allocmoe_edge.plan import Budget, Plan
 from allocmoe_edge.profile import planned_forwards, profile_layers, run_profile
 from allocmoe_edge.refine import refine_plan
@@ -134,9 +134,9 @@ def test_memory_capped_loading_offloads_to_disk(saved, tmp_path):
     w = windows(1, 12)
     assert profile_layers(capped, w)[:2] == profile_layers(plain, w)[:2]
     with torch.no_grad():
-        with token_alloc(plain, [2, 1, 2]):
+        with alloc_t_routing(plain, [2, 1, 2]):
             expected = plain(w).logits
-        with token_alloc(capped, [2, 1, 2]) as counter:
+        with alloc_t_routing(capped, [2, 1, 2]) as counter:
             assert torch.equal(capped(w).logits, expected)
     assert counter.total_per_token() == 5
 

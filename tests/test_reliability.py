@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from allocmoe_edge.gguf_meta import PREFIX, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.gguf_meta import Keys, copy_with_metadata, plan_for_counts, read_info, stamp
 from allocmoe_edge.plan import Budget, Plan, PlanModelShape
 from allocmoe_edge.runtime import LoadChoice
 
@@ -150,8 +150,8 @@ def test_run_names_the_loaders_reason(patched_runtime, tiny_gguf, tmp_path):
     """A hostile plan stops `run` with llama.cpp's own reason in the one error line."""
     _, path = tiny_gguf("mixtral")
     bad = tmp_path / "zero.gguf"
-    copy_with_metadata(path, bad, {PREFIX + "layer_expert_counts": ([1, 0, 1], T.ARRAY, T.UINT32)},
-                       drop=lambda k: k.startswith(PREFIX))
+    copy_with_metadata(path, bad, {Keys.LAYER_EXPERT_COUNTS: ([1, 0, 1], T.ARRAY, T.UINT32)},
+                       drop=lambda k: k.startswith(Keys.PREFIX))
     proc = cli("run", bad, "-p", "hi", "-n", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "layer_expert_counts[1] = 0 is outside [1, 6]" in proc.stderr, proc.stderr[-2000:]

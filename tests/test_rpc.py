@@ -25,7 +25,8 @@ import pytest
 
 from allocmoe_edge.build_runtime import BuildOptions, build_wheel
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.runtime import _check_reachable, load
+from allocmoe_edge.rpc import _check_reachable
+from allocmoe_edge.runtime import load
 
 from .ggufs import write_fake_moe
 

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from allocmoe_edge.gguf_meta import PREFIX, AllocmoeMeta, Keys, copy_with_metadata, plan_for_counts, read_info, stamp
+from allocmoe_edge.gguf_meta import AllocmoeMeta, Keys, copy_with_metadata, plan_for_counts, read_info, stamp
 from allocmoe_edge.runtime import LoadChoice
 
 from .llama_logits import RTOL, llama_logits, tokens_for, torch_logits
@@ -79,30 +79,30 @@ def test_plan_selected_per_load(patched_runtime, tiny_gguf, tmp_path):
 def _hostile(path, out, fields=None, drop_extra=()):
     """Stamp a valid plan, then overwrite or drop keys with hostile values."""
     T = gguf.GGUFValueType
-    base = {PREFIX + "version": (1, T.UINT32, None), PREFIX + "layer_expert_counts": ([1, 2, 1], T.ARRAY, T.UINT32)}
+    base = {Keys.VERSION: (1, T.UINT32, None), Keys.LAYER_EXPERT_COUNTS: ([1, 2, 1], T.ARRAY, T.UINT32)}
     base.update(fields or {})
     base = {k: v for k, v in base.items() if v is not None}
-    copy_with_metadata(path, out, base, drop=lambda k: k.startswith(PREFIX) or k in drop_extra)
+    copy_with_metadata(path, out, base, drop=lambda k: k.startswith(Keys.PREFIX) or k in drop_extra)
     return out
 
 
 T = gguf.GGUFValueType
 HOSTILE = {
-    "short": {PREFIX + "layer_expert_counts": ([1, 2], T.ARRAY, T.UINT32)},
-    "long": {PREFIX + "layer_expert_counts": ([1, 2, 1, 1], T.ARRAY, T.UINT32)},
-    "zero": {PREFIX + "layer_expert_counts": ([1, 0, 1], T.ARRAY, T.UINT32)},
-    "above_n_expert": {PREFIX + "layer_expert_counts": ([1, 7, 1], T.ARRAY, T.UINT32)},
-    "huge": {PREFIX + "layer_expert_counts": ([1, 2**32 - 1, 1], T.ARRAY, T.UINT32)},
-    "negative_int32": {PREFIX + "layer_expert_counts": ([1, -2, 1], T.ARRAY, T.INT32)},
-    "float_array": {PREFIX + "layer_expert_counts": ([1.0, 2.0, 1.0], T.ARRAY, T.FLOAT32)},
-    "string_not_array": {PREFIX + "layer_expert_counts": ("1,2,1", T.STRING, None)},
-    "k_min_above_count": {PREFIX + "token_k_min": (2, T.UINT32, None)},
-    "k_max_above_experts": {PREFIX + "token_k_max": (9, T.UINT32, None)},
-    "k_max_below_count": {PREFIX + "token_k_max": (1, T.UINT32, None),
-                          PREFIX + "layer_expert_counts": ([1, 2, 1], T.ARRAY, T.UINT32)},
-    "k_min_string": {PREFIX + "token_k_min": ("one", T.STRING, None)},
-    "future_version": {PREFIX + "version": (99, T.UINT32, None)},
-    "plan_index_without_plans": {PREFIX + "plan_index": (0, T.INT32, None)},
+    "short": {Keys.LAYER_EXPERT_COUNTS: ([1, 2], T.ARRAY, T.UINT32)},
+    "long": {Keys.LAYER_EXPERT_COUNTS: ([1, 2, 1, 1], T.ARRAY, T.UINT32)},
+    "zero": {Keys.LAYER_EXPERT_COUNTS: ([1, 0, 1], T.ARRAY, T.UINT32)},
+    "above_n_expert": {Keys.LAYER_EXPERT_COUNTS: ([1, 7, 1], T.ARRAY, T.UINT32)},
+    "huge": {Keys.LAYER_EXPERT_COUNTS: ([1, 2**32 - 1, 1], T.ARRAY, T.UINT32)},
+    "negative_int32": {Keys.LAYER_EXPERT_COUNTS: ([1, -2, 1], T.ARRAY, T.INT32)},
+    "float_array": {Keys.LAYER_EXPERT_COUNTS: ([1.0, 2.0, 1.0], T.ARRAY, T.FLOAT32)},
+    "string_not_array": {Keys.LAYER_EXPERT_COUNTS: ("1,2,1", T.STRING, None)},
+    "k_min_above_count": {Keys.TOKEN_K_MIN: (2, T.UINT32, None)},
+    "k_max_above_experts": {Keys.TOKEN_K_MAX: (9, T.UINT32, None)},
+    "k_max_below_count": {Keys.TOKEN_K_MAX: (1, T.UINT32, None),
+                          Keys.LAYER_EXPERT_COUNTS: ([1, 2, 1], T.ARRAY, T.UINT32)},
+    "k_min_string": {Keys.TOKEN_K_MIN: ("one", T.STRING, None)},
+    "future_version": {Keys.VERSION: (99, T.UINT32, None)},
+    "plan_index_without_plans": {Keys.PLAN_INDEX: (0, T.INT32, None)},
 }
 
 

@@ -1,10 +1,10 @@
-"""Alloc-T reference (allocmoe_edge.token_alloc) on random routing scores."""
+"""Alloc-T reference (allocmoe_edge.alloc_t_reference) on random routing scores."""
 
 import pytest
 import torch
 
+from allocmoe_edge.alloc_t_reference import select
 from allocmoe_edge.errors import AllocMoeError
-from allocmoe_edge.token_alloc import select
 
 CASES = [  # (T, n_expert, k, k_min, k_max)
     (16, 8, 2, 1, 4),

@@ -1,4 +1,4 @@
-"""Alloc-T, the token-level rule, as a pure torch reference.
+"""The torch reference of Alloc-T's token-level rules (what hf.alloc_t_routing applies and llama.cpp must match).
 
 For one layer with budget k (activations per token on average) over a group of T tokens:
 every token keeps its top-``k_min`` experts; the candidate ranks ``k_min+1..k_max`` of all

@@ -1,6 +1,6 @@
-"""Run llama.cpp's converter (from the pinned sdist, on sys.path) with one optional hook.
+"""Entry point of the converter subprocess: llama.cpp's converter (pinned sdist, on sys.path) with one optional hook.
 
-``python -m allocmoe_edge.converter_main [--pre-tokenizer NAME] -- CONVERTER ARGS``: with
+``python -m allocmoe_edge.converter_subprocess [--pre-tokenizer NAME] -- CONVERTER ARGS``: with
 ``--pre-tokenizer``, a BPE tokenizer whose pre-tokenizer hash the converter does not know is
 written with NAME as ``tokenizer.ggml.pre`` instead of failing; known hashes are untouched.
 """
