@@ -19,7 +19,7 @@ def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
     """Show MODEL's architecture, blocks, experts, original top-k and stored budget plans; with
     --cpu-moe / --n-cpu-moe, which blocks' routed experts would stay in system memory."""
     from ..gguf_meta import read_info
-    from ..runtime import expert_placement, placement_line
+    from ..placement import expert_placement, placement_line
 
     info = read_info(model)
     placement = expert_placement(info, cpu_moe, n_cpu_moe) if cpu_moe or n_cpu_moe else None
@@ -47,7 +47,10 @@ def command(model: str, as_json: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
         mark = "*" if i == meta.plan_default else " "
         click.echo(f" {mark} plan {i}: {p.name} ({p.method}) budget {p.budget:.3f} = {p.budget_count} "
                    f"activations; counts {','.join(map(str, p.counts))}")
-        if p.thresholds is not None:
+        if p.thresholds is not None and len(p.thresholds) != info.block_count:
+            click.echo(f"     decode thresholds: {len(p.thresholds)} values for {info.block_count} blocks (malformed: "
+                       "llama.cpp refuses to run this plan)")
+        elif p.thresholds is not None:
             taus = [_threshold(p.thresholds[b]) for b in info.moe_layers]
             click.echo(f"     decode thresholds {','.join(taus)}")
 
