@@ -119,12 +119,12 @@ def test_gpu_check_script_parses():
 
 @pytest.mark.slow
 def test_gpu_check_synth_step_on_cpu(tmp_path):
-    """The check's synth step (what it can run without a GPU, with this machine's library): both models
-    with uniform-split plans and decode thresholds."""
+    """The check's synth and mem steps (what they can run without a GPU, with this machine's library): both
+    models with uniform-split plans and decode thresholds, and the compute buffers with and without Alloc-T."""
     import llama_cpp
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "device_carry.py")], check=True, capture_output=True)
-    env = {**os.environ, "STEPS": "synth", "LAYERS": "2", "QWEN3_LAYERS": "2", "PYTHON": sys.executable,
+    env = {**os.environ, "STEPS": "synth mem", "NGL": "0", "LAYERS": "2", "QWEN3_LAYERS": "2", "PYTHON": sys.executable,
            "WORK": str(tmp_path / "work"), "LIB": str(Path(llama_cpp.__file__).parent / "lib")}
     out = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -133,3 +133,5 @@ def test_gpu_check_synth_step_on_cpu(tmp_path):
     assert dsv2.allocmoe["token_mode"] == "both" and all(p.thresholds is not None for p in dsv2.plans)
     qwen3 = read_info(tmp_path / "work" / "qwen3-30b-a3b-q4_0-2l.plans.gguf")
     assert qwen3.architecture == "qwen3moe" and [p.budget_count for p in qwen3.plans] == [12, 8, 4]  # of 16
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert all(f"ubatch {u}: with Alloc-T CPU" in summary for u in (512, 2048)), summary
