@@ -63,8 +63,8 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
 
 
 def score_positions(logp: np.ndarray, targets: np.ndarray, ref: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per position: ``nll`` of ``targets`` under ``logp`` and, given the full-budget ``ref``, ``kld``
-    (KL(ref || logp)), ``p_diff`` (Δp of the target) and ``same_top``.
+    """Per position: ``nll`` of ``targets`` under ``logp`` and, given the full-budget ``ref``, ``nll_ref`` (the
+    reference's), ``kld`` (KL(ref || logp)), ``p_diff`` (Δp of the target) and ``same_top``.
 
     ``logp`` and ``ref`` are ``[N, V]`` log-probs, ``targets`` ``[N]``.
     """
@@ -79,6 +79,7 @@ def score_positions(logp: np.ndarray, targets: np.ndarray, ref: np.ndarray | Non
         kld[s:s + _BLOCK_ROWS] = (np.exp(r) * (r - logp[s:s + _BLOCK_ROWS])).sum(axis=-1, dtype=np.float64)
     return {
         "nll": nll,
+        "nll_ref": -ref_target,
         "kld": kld,
         "p_diff": np.exp(-nll) - np.exp(ref_target),
         "same_top": np.argmax(logp, axis=-1) == np.argmax(ref, axis=-1),
@@ -107,14 +108,19 @@ def percentile(values: np.ndarray, fraction: float) -> float:
 
 def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
     """The quality row of one configuration from its per-position ``scores`` (see score_positions);
-    the comparisons with the full-budget model only when ``scores`` has them."""
+    the comparisons with the full-budget model only when ``scores`` has them, with the statistics
+    llama-perplexity's ``--kl-divergence`` prints: mean, median and 99th-percentile KLD, RMS Δp, same
+    top p (``top1``) and mean PPL(Q)/PPL(base) (``ppl_ratio``: exp of the mean log-ratio, with its se)."""
     ppl, ppl_se = perplexity(scores["nll"])
     out = {"ppl": ppl, "ppl_se": ppl_se}
     if "kld" in scores:
         kld_mean, kld_se = mean_se(scores["kld"])
         out.update(kld_mean=kld_mean, kld_se=kld_se, kld_p99=percentile(scores["kld"], 0.99),
                    top1=float(np.mean(scores["same_top"])),
+                   kld_median=percentile(scores["kld"], 0.5),
                    rms_dp=math.sqrt(float(np.mean(np.square(scores["p_diff"])))))
+        log_ratio, log_ratio_se = mean_se(scores["nll"] - scores["nll_ref"])
+        out.update(ppl_ratio=math.exp(log_ratio), ppl_ratio_se=math.exp(log_ratio) * log_ratio_se)
     return {**out, "nll": float(np.mean(scores["nll"])), "n_tokens": int(scores["nll"].size)}
 
 

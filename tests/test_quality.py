@@ -104,8 +104,21 @@ def test_scores_over_chunks_equal_one_summary():
     scores.add(cur[:4], targets[:4], ref[:4])
     scores.add(cur[4:], targets[4:], ref[4:])
     assert scores.summary() == summarize(score_positions(cur, targets, ref))
-    assert list(scores.summary()) == ["ppl", "ppl_se", "kld_mean", "kld_se", "kld_p99", "top1", "rms_dp", "nll",
-                                      "n_tokens"]
+    assert list(scores.summary()) == ["ppl", "ppl_se", "kld_mean", "kld_se", "kld_p99", "top1", "kld_median",
+                                      "rms_dp", "ppl_ratio", "ppl_ratio_se", "nll", "n_tokens"]
+
+
+def test_llama_perplexity_statistics():
+    """Median KLD and mean PPL(Q)/PPL(base), as llama-perplexity --kl-divergence names them."""
+    rng = np.random.default_rng(2)
+    ref, cur = (log_probs(rng.normal(size=(50, 9)).astype(np.float32)) for _ in range(2))
+    targets = rng.integers(0, 9, 50)
+    scores = score_positions(cur, targets, ref)
+    row = summarize(scores)
+    assert row["kld_median"] == pytest.approx(float(np.median(scores["kld"])))
+    base_ppl = float(np.exp(np.mean(-ref[np.arange(50), targets].astype(np.float64))))
+    assert row["ppl_ratio"] == pytest.approx(row["ppl"] / base_ppl)
+    assert row["ppl_ratio_se"] > 0
 
 
 def test_torch_backend_uses_the_same_windows_and_metrics():
