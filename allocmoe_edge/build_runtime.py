@@ -49,12 +49,13 @@ BINDINGS_BUILD_REQUIRES = ("scikit-build-core[pyproject]>=0.9.2",)
 class BuildOptions:
     """What selects a build; every field is part of the wheel cache key."""
 
-    backend: str = "cpu"  # "cpu" or "cuda"
+    backend: str = "cpu"  # "cpu", "cuda" or "vulkan"
     cuda_arch: str = "90"  # CMAKE_CUDA_ARCHITECTURES for the cuda backend
     native: bool = True  # -march=native for cpu builds (key includes this CPU's flags)
     sanitize: str = ""  # "" or "address"
     cuda_fa: bool = True  # compile CUDA flash-attention kernels (off: a much faster build, FA unsupported)
     rpc: bool = False  # ggml's RPC backend (GGML_RPC=ON): offload layers to llama.cpp rpc-servers
+    vulkan_include: str = ""  # Vulkan headers to build against instead of the system's (vulkan.build_include)
 
     def cmake_args(self) -> list[str]:
         """CMAKE_ARGS for llama-cpp-python's scikit-build-core build."""
@@ -63,10 +64,14 @@ class BuildOptions:
             args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}", "-DGGML_NATIVE=OFF"]
             if not self.cuda_fa:
                 args.append("-DGGML_CUDA_FA=OFF")
-        elif self.backend == "cpu":
+        elif self.backend in ("cpu", "vulkan"):
             args.append(f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}")
+            if self.backend == "vulkan":
+                args.append("-DGGML_VULKAN=ON")
+                if self.vulkan_include:
+                    args.append(f"-DVulkan_INCLUDE_DIR={self.vulkan_include}")
         else:
-            raise AllocMoeError(f"unknown backend {self.backend!r}: use cpu or cuda")
+            raise AllocMoeError(f"unknown backend {self.backend!r}: use cpu, cuda or vulkan")
         if self.sanitize == "address":
             args += ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DGGML_SANITIZE_ADDRESS=ON", "-DGGML_OPENMP=OFF"]
         elif self.sanitize:

@@ -73,8 +73,36 @@ def doctor() -> dict[str, Any]:
         "patched": version is not None,
         "allocmoe_patch_version": version,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "devices": devices(),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }
+
+
+_DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # ggml's enum ggml_backend_dev_type
+
+
+def devices() -> list[dict[str, str]]:
+    """The ggml devices the installed runtime sees, as llama.cpp's --list-devices names them: each with its
+    backend (CPU, CUDA, Vulkan, RPC, ...), name, description and type. A Vulkan build lists lavapipe (a CPU
+    device) only when GGML_VK_VISIBLE_DEVICES names it."""
+    lib = llama_cpp_module().llama_cpp._lib
+    for name, restype, argtypes in (("ggml_backend_dev_count", ctypes.c_size_t, []),
+                                    ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                                    ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                                    ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                                    ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                                    ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+                                    ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])):
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        out.append({"backend": lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)).decode(),
+                    "name": lib.ggml_backend_dev_name(dev).decode(),
+                    "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                    "type": _DEVICE_TYPES[kind] if 0 <= kind < len(_DEVICE_TYPES) else str(kind)})
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ import click
 
 
 @click.command("build-runtime")
-@click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="ggml backend to build.")
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "vulkan"]), default="cpu", show_default=True,
+              help="ggml backend to build. vulkan checks for glslc, the Vulkan loader and headers and the SPIR-V "
+                   "headers first and names the apt packages that are missing (it installs nothing); headers older "
+                   "than 1.3.272 (Debian 12) are replaced by Debian 13's, downloaded into the build cache.")
 @click.option("--cuda-arch", default="90", show_default=True,
               help="CMAKE_CUDA_ARCHITECTURES for --backend cuda (90 = H100/H200).")
 @click.option("--cuda-fa/--no-cuda-fa", default=True, show_default=True,
@@ -43,6 +45,7 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
     options, patches and Python reuse the cached wheel and take seconds.
 
     Examples: allocmoe build-runtime --backend cuda --cuda-arch 89;
+    allocmoe build-runtime --backend vulkan --library-only (lavapipe: GGML_VK_VISIBLE_DEVICES=0);
     allocmoe build-runtime --rpc (then start the printed rpc-server on every machine)
     """
     from pathlib import Path
@@ -50,9 +53,15 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
     from ..build_runtime import BuildOptions, build_and_install
     from ..errors import AllocMoeError
 
-    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize, cuda_fa=cuda_fa,
-                        rpc=rpc)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    vulkan_include = ""
+    if backend == "vulkan":
+        from ..build_runtime import cache_dir
+        from ..vulkan import build_include
+
+        vulkan_include = str(build_include(cache_dir(), log) or "")
+    opts = BuildOptions(backend=backend, cuda_arch=cuda_arch, native=native, sanitize=sanitize, cuda_fa=cuda_fa,
+                        rpc=rpc, vulkan_include=vulkan_include)
     if library_only:
         from ..build_lib import build_library
 

@@ -26,4 +26,8 @@ def command(as_json: bool) -> None:
         "STOCK: budget plans will not run; use `allocmoe build-runtime`"
     click.echo(f"runtime: {state}")
     click.echo(f"GPU offload: {'yes' if report['gpu_offload'] else 'no'}")
+    backends = sorted({d["backend"] for d in report["devices"]})
+    click.echo(f"backends: {', '.join(backends) or 'none'}")
+    for d in report["devices"]:
+        click.echo(f"  device {d['name']} ({d['backend']}, {d['type']}): {d['description']}")
     click.echo(f"system: {report['system_info']}")
