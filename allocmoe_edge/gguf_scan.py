@@ -245,6 +245,14 @@ def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         at = b
 
 
+def stored_data_bytes(header: GgufHeader) -> int:
+    """Bytes of tensor data the file really stores (a sparse file's holes left out): what a copy writes."""
+    with open(header.path, "rb") as f:
+        return sum(b - a for t in header.tensors
+                   for a, b in _data_extents(f.fileno(), header.data_start + t.offset,
+                                             header.data_start + t.offset + t.n_bytes))
+
+
 def copy_with_fields(header: GgufHeader, out: BinaryIO, keep: Callable[[str], bool], added: list[bytes],
                      alignment: int, progress: Callable[[int, int], None] | None = None) -> None:
     """Write a copy of ``header``'s file to ``out``: the entries ``keep`` accepts byte for byte, then

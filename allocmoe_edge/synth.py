@@ -291,8 +291,9 @@ def synthesize(shape_name: str, qtype: str, output: str | os.PathLike[str], n_la
     gtype = gguf.GGMLQuantizationType.Q4_0 if qtype == "q4_0" else gguf.GGMLQuantizationType.Q8_0
     rng = np.random.default_rng(seed)
     specs = tensor_specs(shape, n_layer)
-    data: list[Any] = [(_RandomQuant(s.dims, gtype, rng) if weights else _Hole(_RandomQuant(s.dims, gtype, rng).nbytes))
-                       if s.kind == "weight" else _f32(s, rng) for s in specs]
+    data: list[Any] = [_f32(s, rng) if s.kind != "weight" else _RandomQuant(s.dims, gtype, rng) for s in specs]
+    if not weights:
+        data = [_Hole(d.nbytes) if isinstance(d, _RandomQuant) else d for d in data]
     total = sum(int(d.nbytes) for d in data)
     out = Path(output)
     with atomic_output(out) as tmp:

@@ -12,7 +12,16 @@ from typing import Any
 from .. import __version__
 from ..errors import AllocMoeError
 from ..fsutil import atomic_output
-from ..gguf_scan import ALIGNMENT_KEY, ARRAY, DEFAULT_ALIGNMENT, STRING, VALUE_FORMATS, GgufHeader, copy_with_fields
+from ..gguf_scan import (
+    ALIGNMENT_KEY,
+    ARRAY,
+    DEFAULT_ALIGNMENT,
+    STRING,
+    VALUE_FORMATS,
+    GgufHeader,
+    copy_with_fields,
+    stored_data_bytes,
+)
 from ..plan import TOKEN_MODES
 from .keys import FORMAT_VERSION, FORMAT_VERSION_THRESHOLDS, Keys
 from .plans import check_stored_plan
@@ -58,7 +67,7 @@ def copy_with_metadata(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if src.resolve() == dst.resolve():
         raise AllocMoeError("the output must be a new file; refusing to overwrite the input")
     header = read_header(src)
-    total = sum(t.n_bytes for t in header.tensors)
+    total = stored_data_bytes(header)  # holes of a sparse input stay holes in the copy
     free = _free_bytes(dst.parent)
     if free is not None and free < total + (64 << 20):
         raise AllocMoeError(f"not enough disk space in {dst.parent}: need ~{total >> 20} MiB, {free >> 20} MiB free")
