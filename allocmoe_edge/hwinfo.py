@@ -45,9 +45,26 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()] if out else []
 
 
+def gpu_devices(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The devices of `runtime.doctor()`'s library that layers can be offloaded to (every backend but the CPU's)."""
+    return [d for d in report.get("devices") or [] if d.get("backend") != "CPU"]
+
+
 def backend(report: dict[str, Any]) -> str:
-    """"CPU", or the GPU backend ("CUDA", ...) that `runtime.doctor()`'s library offloads to."""
-    if report.get("gpu_offload"):
-        info = report.get("system_info", "")
-        return next((b for b in _GPU_BACKENDS if b in info), "GPU")
-    return "CPU"
+    """"CPU", or the GPU backend ("CUDA", "Vulkan", ...) that `runtime.doctor()`'s library offloads to."""
+    if not report.get("gpu_offload"):
+        return "CPU"
+    gpus = gpu_devices(report)
+    if gpus:
+        return gpus[0]["backend"]
+    info = report.get("system_info", "")
+    return next((b for b in _GPU_BACKENDS if b in info), "GPU")
+
+
+def device(report: dict[str, Any], n_gpu_layers: int) -> str | None:
+    """What ran the offloaded layers (the first GPU device's description, e.g. "NVIDIA H200" or lavapipe's
+    "llvmpipe (LLVM 15.0.6, 256 bits)"), or the CPU model when nothing is offloaded."""
+    gpus = gpu_devices(report)
+    if n_gpu_layers != 0 and gpus:
+        return gpus[0].get("description") or gpus[0].get("name")
+    return cpu_model()

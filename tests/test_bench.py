@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from allocmoe_edge import hwinfo
 from allocmoe_edge.allocate import stamp_uniform_split
 from allocmoe_edge.bench import (
     BenchOptions,
@@ -141,6 +142,16 @@ def test_percentiles_on_known_samples():
     assert p == {"p50": pytest.approx(50.5), "p90": pytest.approx(90.1), "p99": pytest.approx(99.01),
                  "mean": pytest.approx(50.5), "n": 100}
     assert percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p99": 7.0, "mean": 7.0, "n": 1}
+
+
+def test_backend_and_device_name_what_ran_the_offloaded_layers():
+    lavapipe = {"backend": "Vulkan", "name": "Vulkan0", "description": "llvmpipe (LLVM 15.0.6, 256 bits)"}
+    cpu = {"backend": "CPU", "name": "CPU", "description": "a CPU"}
+    report = {"gpu_offload": True, "devices": [cpu, lavapipe], "system_info": "CPU : AVX2 = 1 |"}
+    assert hwinfo.backend(report) == "Vulkan"
+    assert hwinfo.device(report, 99) == lavapipe["description"] and hwinfo.device(report, 0) == hwinfo.cpu_model()
+    assert hwinfo.backend({**report, "devices": [cpu], "system_info": "CUDA : ARCHS = 900"}) == "CUDA"
+    assert hwinfo.backend({"gpu_offload": False, "devices": [cpu]}) == "CPU"
 
 
 def test_tie_rule():
@@ -311,8 +322,8 @@ def test_flags_reach_the_bench_and_a_failed_row_fails_the_command(tmp_path, monk
         if on_round:
             on_round({"complete": False, "failed": []})
             rounds.append(json.loads(out.read_text()))
-        return {"backend": "CPU", "threads": 2, "plans_source": "stored", "commit": None, "complete": True,
-                "failed": ["uniform k=2"]}
+        return {"backend": "CPU", "device": "a CPU", "threads": 2, "plans_source": "stored", "commit": None,
+                "complete": True, "failed": ["uniform k=2"]}
 
     monkeypatch.setattr(allocmoe_edge.bench, "bench", fake_bench)
     monkeypatch.setattr(allocmoe_edge.presentation, "bench_tables", lambda result: "| table |")
@@ -374,6 +385,7 @@ def test_latency_bench_has_every_row_and_field(patched_runtime, olmoe_2layer, tm
     result = json.loads(out.read_text())
     assert result["version"] == 2 and result["plans_source"] == "uniform-split" and result["synthetic"] is True
     assert result["backend"] == "CPU" and result["patch_hash"] and result["allocmoe_patch_version"] >= 1
+    assert result["device"] == hwinfo.cpu_model() and result["devices"][0]["backend"] == "CPU"
     assert result["commit"] and result["n_gpu_layers"] == 0 and result["tests"] == ["pp16", "pp32", "tg4"]
     assert result["flags"]["n_batch"] == result["flags"]["n_ubatch"] == 32 and result["flags"]["order"] == "interleaved"
     assert result["placement"] == {"n_gpu_layers": 0, "cpu_moe": False, "n_cpu_moe": 0, "cpu_expert_blocks": [],

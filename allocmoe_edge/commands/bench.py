@@ -80,7 +80,7 @@ def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[in
     result = bench(model, opts, log=lambda msg: click.echo(msg, err=True),
                    on_round=(lambda partial: atomic_write_json(json_out, partial)) if json_out else None)
     click.echo(bench_tables(result))
-    click.echo(f"\nbackend {result['backend']}, threads {result['threads']}, ngl {n_gpu_layers}, "
+    click.echo(f"\nbackend {result['backend']} ({result['device']}), threads {result['threads']}, ngl {n_gpu_layers}, "
                f"plans: {result['plans_source']}, {reps} interleaved repetition(s), "
                f"commit {result['commit'] or 'unknown'}")
     if json_out:
