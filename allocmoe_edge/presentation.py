@@ -26,7 +26,8 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]], numbers_from: int 
 # ---------------------------------------------------------------- quality
 
 def eval_table(result: dict[str, Any]) -> str:
-    """`allocmoe eval`'s quality table of an evaluation result; ΔPPL is relative to the first (full-budget) row."""
+    """`allocmoe eval`'s quality table of an evaluation result; PPL(Q)/PPL(base) is relative to the first (full-budget)
+    row."""
     rows = result["results"]
     base = rows[0]["ppl"]
 
@@ -38,11 +39,18 @@ def eval_table(result: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.3f}"
 
-    head = ["config", "budget", "act/token", "PPL", "ΔPPL %", "KLD", "KLD p99", "top-1 %", "RMS Δp %"]
+    def ratio(r: dict[str, Any]) -> str:
+        if r.get("ppl_ratio") is None:
+            return f"{r['ppl'] / base:.4f}"
+        return pm(r["ppl_ratio"], r.get("ppl_ratio_se"), 4)
+
+    # llama-perplexity --kl-divergence's statistics, by its names, so a row reads beside a quantization table
+    head = ["config", "budget", "act/token", "PPL", "PPL(Q)/PPL(base)", "KLD mean", "KLD median", "KLD p99",
+            "RMS Δp %", "same top p %"]
     return table(head, [[r["name"], f"{r['budget']:.3f}", f"{r['activations_per_token']:g}",
-                         pm(r["ppl"], r.get("ppl_se"), 4), f"{100 * (r['ppl'] / base - 1):+.2f}",
-                         pm(r.get("kld_mean"), r.get("kld_se"), 6), pm(r.get("kld_p99"), None, 6), pct(r.get("top1")),
-                         pct(r.get("rms_dp"))] for r in rows], numbers_from=1)
+                         pm(r["ppl"], r.get("ppl_se"), 4), ratio(r), pm(r.get("kld_mean"), r.get("kld_se"), 6),
+                         pm(r.get("kld_median"), None, 6), pm(r.get("kld_p99"), None, 6), pct(r.get("rms_dp")),
+                         pct(r.get("top1"))] for r in rows], numbers_from=1)
 
 
 def demo_quality_table(rows: list[dict[str, Any]]) -> str:

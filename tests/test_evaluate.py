@@ -57,13 +57,20 @@ def test_synthetic_file_refused(tmp_path):
         evaluate_llama(path, text)
 
 
-def test_eval_table_delta_ppl():
-    row = {"name": "full", "budget": 1.0, "activations_per_token": 6, "ppl": 10.0, "ppl_se": 0.1,
-           "kld_mean": 0.0, "kld_se": 0.0, "kld_p99": 0.0, "top1": 1.0, "rms_dp": 0.0}
-    table = eval_table({"results": [row, {**row, "name": "uniform k=1", "ppl": 11.0, "top1": 0.9}]})
+def test_eval_table_names_llama_perplexity_statistics():
+    row = {"name": "full", "budget": 1.0, "activations_per_token": 6, "ppl": 10.0, "ppl_se": 0.1, "ppl_ratio": 1.0,
+           "ppl_ratio_se": 0.0, "kld_mean": 0.0, "kld_se": 0.0, "kld_median": 0.0, "kld_p99": 0.0, "top1": 1.0,
+           "rms_dp": 0.0}
+    other = {**row, "name": "uniform k=1", "ppl": 11.0, "ppl_ratio": 1.1, "ppl_ratio_se": 0.01, "kld_median": 0.02,
+             "top1": 0.9}
+    table = eval_table({"results": [row, other]})
     lines = table.splitlines()
-    assert len(lines) == 4 and "| 10.0000 ± 0.1000 | +0.00 |" in lines[2]
-    assert "| +10.00 |" in lines[3] and "| 90.000 |" in lines[3]
+    assert len(lines) == 4
+    assert "| PPL(Q)/PPL(base) | KLD mean | KLD median | KLD p99 | RMS Δp % | same top p % |" in lines[0]
+    assert "| 10.0000 ± 0.1000 | 1.0000 ± 0.0000 |" in lines[2]
+    assert "| 1.1000 ± 0.0100 |" in lines[3] and "| 0.020000 |" in lines[3] and lines[3].endswith("| 90.000 |")
+    del other["ppl_ratio"]  # rows without the ratio (older JSON) show PPL / base PPL
+    assert "| 1.1000 |" in eval_table({"results": [row, other]}).splitlines()[3]
 
 
 class FakeLlama:
