@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - venv, patched runtime, then the whole pipeline on the bundled model
-#   make test   - venv, patched runtime, then ruff and the test suite (all tiers; what CI runs)
+#   make test   - venv, patched runtime, then ruff, the test suite (all tiers) and its Vulkan tier on lavapipe
+#                 (what CI runs; the Vulkan tier needs Debian packages, see scripts/test_vulkan.sh)
+#   make test-vulkan - only the Vulkan tier: tests/test_gpu.py on the series' Vulkan library and lavapipe
 #   make test-fast - venv, ruff and the tests not marked slow: no builds, no trainings, ~2 minutes (no runtime needed)
 # Every pip they run (and pip's build environments, e.g. llama-cpp-python's scikit-build-core) installs
 # the exact versions of requirements.lock; `make lock` refreshes it and prints the diff.
@@ -12,7 +14,7 @@ LOCK   := requirements.lock
 export PIP_CONSTRAINT       := $(CURDIR)/$(LOCK)
 export PIP_BUILD_CONSTRAINT := $(CURDIR)/$(LOCK)
 
-.PHONY: venv runtime demo test test-fast lock clean-venv
+.PHONY: venv runtime demo test test-fast test-vulkan lock clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +36,10 @@ demo: runtime
 test: runtime
 	$(BIN)/ruff check .
 	ALLOCMOE_REQUIRE_RUNTIME=1 $(BIN)/python -m pytest -q -ra --durations=15
+	BIN=$(BIN) bash scripts/test_vulkan.sh
+
+test-vulkan: venv
+	BIN=$(BIN) bash scripts/test_vulkan.sh
 
 test-fast: venv
 	$(BIN)/ruff check .

@@ -2,8 +2,9 @@
 
 For one decode of a token group (one ubatch) this reports, per MoE layer, the ids tensor that
 ``mul_mat_id`` consumes (``ffn_moe_topk-<il>``, I32 [k, columns]; its non-negative entries are
-the (token, expert) activations the expert matmuls ran) and, under Alloc-T, how many experts each
-token kept (from the 0/1 mask ``ffn_moe_alloct_mask-<il>``).
+the (token, expert) activations the expert matmuls ran), under Alloc-T how many experts each token
+kept (from the 0/1 mask ``ffn_moe_alloct_mask-<il>``) and, when asked, the layer's output (the
+weighted sum of its experts, ``ffn_moe_out-<il>``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import llama_cpp_module
+from .runtime import llama_cpp_module, set_context_plan
 
-_NAME = re.compile(r"^(ffn_moe_topk|ffn_moe_alloct_mask)-(\d+)$")
+_NAME = re.compile(r"^(ffn_moe_topk|ffn_moe_candidates|ffn_moe_alloct_mask|ffn_moe_out)-(\d+)$")
 
 
 class _TensorHead(ctypes.Structure):
@@ -40,46 +41,64 @@ def _ggml_base() -> Any:
     return lib
 
 
-def _read_i32_2d(ggml: Any, t: int, head: _TensorHead) -> np.ndarray:
-    """A (possibly strided) 2-D I32 tensor as [ne1, ne0] (one row per ids column)."""
+def _read_2d(ggml: Any, t: int, head: _TensorHead, dtype: type = np.int32) -> np.ndarray:
+    """A (possibly strided) 2-D I32 or F32 tensor as [ne1, ne0] (one row per ids column, or per token)."""
     raw = np.empty(ggml.ggml_nbytes(t), dtype=np.uint8)
     ggml.ggml_backend_tensor_get(t, raw.ctypes.data, 0, raw.nbytes)
     shape, strides = (int(head.ne[1]), int(head.ne[0])), (int(head.nb[1]), int(head.nb[0]))
-    return np.lib.stride_tricks.as_strided(raw.view(np.int32), shape=shape, strides=strides).copy()
+    return np.lib.stride_tricks.as_strided(raw.view(dtype), shape=shape, strides=strides).copy()
 
 
 def _layer_entry(seen: dict[int, dict[str, Any]], layer: int) -> dict[str, Any]:
-    return seen.setdefault(layer, {"pairs": None, "ids": None, "active": None, "per_token": None})
+    return seen.setdefault(layer, {"pairs": None, "ids": None, "active": None, "per_token": None, "out": None,
+                                   "experts": None, "candidates": None})
 
 
-def moe_activations(llm: Any, tokens: Sequence[int]) -> tuple[dict[int, dict[str, Any]], np.ndarray]:
+def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_offload: bool = True,
+                    outputs: bool = False) -> tuple[dict[int, dict[str, Any]], np.ndarray]:
     """Decode ``tokens`` as one ubatch (logits for every position) in a fresh context on ``llm``'s
-    model. Returns, per MoE layer, ``{"pairs": slots of the ids tensor, "ids": the mul_mat_id ids as
-    [columns, k] int32, "active": executed activations (ids >= 0: the decode rule marks dropped
-    slots -1), "per_token": experts kept per token under Alloc-T, else None}``, and the logits
-    [n_tokens, n_vocab]."""
+    model, running ``choice`` (a `runtime.LoadChoice`; default: the load's plan) with ``op_offload``
+    as `ProbeContext` takes it. Returns, per MoE layer, ``{"pairs": slots of the ids tensor, "ids": the
+    mul_mat_id ids as [columns, k] int32, "active": executed activations (ids >= 0: the decode rule marks dropped
+    slots -1), "per_token": experts kept per token under Alloc-T, else None, "out": with ``outputs`` the
+    layer's output [n_tokens, n_embd], else None, "experts": with ``outputs`` each token's executed
+    experts (a frozenset per token), else None}``, and the logits [n_tokens, n_vocab]."""
     ggml = _ggml_base()
     seen: dict[int, dict[str, Any]] = {}
 
     def callback(t: int, ask: bool, _: Any) -> bool:
         m = _NAME.match((ggml.ggml_get_name(t) or b"").decode())
-        if ask or not m:
-            return m is not None
+        if m is None or (m.group(1) in ("ffn_moe_out", "ffn_moe_candidates") and not outputs):
+            return False
+        if ask:
+            return True
         layer = _layer_entry(seen, int(m.group(2)))
         head = _TensorHead.from_address(t)
         if m.group(1) == "ffn_moe_topk":
             layer["pairs"] = int(head.ne[0] * head.ne[1] * head.ne[2] * head.ne[3])
-            layer["ids"] = _read_i32_2d(ggml, t, head)
+            layer["ids"] = _read_2d(ggml, t, head)
             layer["active"] = int((layer["ids"] >= 0).sum())
+        elif m.group(1) == "ffn_moe_out":
+            layer["out"] = _read_2d(ggml, t, head, np.float32)
+        elif m.group(1) == "ffn_moe_candidates":
+            layer["candidates"] = _read_2d(ggml, t, head)
         else:
             buf = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
             ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
-            layer["per_token"] = buf.reshape(int(head.ne[2]), int(head.ne[1])).sum(axis=1).astype(int).tolist()
+            layer["mask"] = buf.reshape(int(head.ne[2]), int(head.ne[1])) > 0
+            layer["per_token"] = layer["mask"].sum(axis=1).astype(int).tolist()
         return True
 
-    with ProbeContext(llm, len(tokens), callback) as probe:
+    with ProbeContext(llm, len(tokens), callback, op_offload=op_offload) as probe:
+        if choice is not None:
+            set_context_plan(probe.ctx, choice)
         probe.decode(tokens, 0)
         logits = probe.logits(len(tokens))
+    for layer in seen.values():
+        mask, candidates = layer.pop("mask", None), layer.pop("candidates")
+        if outputs:  # the batch rule's ids hold compacted pairs: its tokens' experts are its kept candidates
+            rows = [c[m] for c, m in zip(candidates, mask)] if mask is not None else layer["ids"]
+            layer["experts"] = [frozenset(int(e) for e in r if e >= 0) for r in rows]
     return dict(sorted(seen.items())), logits
 
 
@@ -157,7 +176,7 @@ class DecodeCounter:
         if ask or not m or m.group(1) != "ffn_moe_topk":
             return m is not None and m.group(1) == "ffn_moe_topk"
         layer = int(m.group(2))
-        ids = _read_i32_2d(self._ggml, t, _TensorHead.from_address(t))
+        ids = _read_2d(self._ggml, t, _TensorHead.from_address(t))
         self.activations[layer] = self.activations.get(layer, 0) + int((ids >= 0).sum())
         self.routed[layer] = self.routed.get(layer, 0) + len(ids)
         return True
@@ -187,10 +206,12 @@ class DecodeCounter:
 class ProbeContext:
     """A llama.cpp context on ``llm``'s model whose scheduler calls ``callback`` (ggml's eval
     callback: asked for every graph node, called with the data of those it asked for); f32 KV
-    cache and no flash attention, as verification runs compare against f32 references."""
+    cache and no flash attention, as verification runs compare against f32 references. Without
+    ``op_offload`` a GPU build leaves the ops of layers kept in system memory on the CPU (llama.cpp
+    otherwise runs large ubatches' matmuls on the GPU): a CPU reference on a GPU build."""
 
     def __init__(self, llm: Any, n_ctx: int, callback: Callable[[int, bool, Any], bool],
-                 n_ubatch: int | None = None) -> None:
+                 n_ubatch: int | None = None, op_offload: bool = True) -> None:
         llama_cpp = llama_cpp_module()
         self._lib, self._llm = llama_cpp, llm
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(callback)  # kept alive with the context
@@ -199,6 +220,7 @@ class ProbeContext:
         params.n_batch = params.n_ubatch = n_ubatch or max(n_ctx, 1)
         params.type_k = params.type_v = 0
         params.flash_attn_type = 0
+        params.op_offload = op_offload
         params.cb_eval = self._cb
         params.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)

@@ -58,6 +58,14 @@ def missing_packages(include: Path = SYSTEM_INCLUDE) -> list[str]:
     return missing
 
 
+ICD_DIRS = (Path("/usr/share/vulkan/icd.d"), Path("/etc/vulkan/icd.d"))  # where Vulkan drivers register
+
+
+def lavapipe_installed(icd_dirs: tuple[Path, ...] = ICD_DIRS) -> bool:
+    """Whether Mesa's lavapipe driver (``mesa-vulkan-drivers``) is registered with the Vulkan loader."""
+    return any(any(d.glob("lvp_icd*.json")) for d in icd_dirs if d.is_dir())
+
+
 def install_command(packages: list[str]) -> str:
     """What to run (as root) for ``packages``, one line per package."""
     return "\n".join(f"  apt-get install -y {p}" for p in packages)

@@ -125,14 +125,15 @@ if has tests; then
     # fully offloaded (mmq / mmf with skipped ids) and over 64- and 512-token ubatches with --cpu-moe (the
     # scheduler's host-side copy of the used experts); those run once more without CUDA graphs
     say "tests: started (all layers offloaded, CUDA_LAUNCH_BLOCKING=1)"
-    CUDA_LAUNCH_BLOCKING=1 ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 300 260)" "$PY" -m pytest -q \
+    CUDA_LAUNCH_BLOCKING=1 ALLOCMOE_TEST_NGL=$NGL ALLOCMOE_REQUIRE_RUNTIME=1 ALLOCMOE_GPU_BACKEND=CUDA \
+        ALLOCMOE_GPU_REPORT=$LOGS/gpu-agreement.json timeout "$(cap 300 260)" "$PY" -m pytest -q \
         -p no:cacheprovider -ra tests/test_gpu.py tests/test_alloc_t.py tests/test_decode_rule.py \
         "tests/test_runtime.py::test_per_layer_counts_match_transformers" \
         "tests/test_runtime.py::test_full_budget_paths_are_bitwise_identical" >"$OUT/tests.log" 2>&1
     say "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
     say "tests: the decode-rule ones again with GGML_CUDA_DISABLE_GRAPHS=1"
     GGML_CUDA_DISABLE_GRAPHS=1 CUDA_LAUNCH_BLOCKING=1 ALLOCMOE_REQUIRE_RUNTIME=1 timeout "$(cap 90 230)" "$PY" -m pytest -q \
-        -p no:cacheprovider -ra tests/test_gpu.py -k "decode_rule" >>"$OUT/tests.log" 2>&1
+        -p no:cacheprovider -ra tests/test_gpu.py -k "decode" >>"$OUT/tests.log" 2>&1
     say "tests (no CUDA graphs): exit $? ($(tail -1 "$OUT/tests.log"))"
 fi
 if [[ -n $diag_pid ]]; then

@@ -9,6 +9,7 @@ nothing over ~10 s); `make test` runs everything with ALLOCMOE_REQUIRE_RUNTIME=1
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,13 @@ def bundled_budget_gguf(tmp_path_factory) -> Path:
     plans = [plan_for_counts(info, counts) for counts in BUNDLED_PLANS]
     stamp(plain, root / "tiny-moe.budget.gguf", plans, k_min=1, k_max=info.expert_used_count)
     return root / "tiny-moe.budget.gguf"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The GPU tests' agreement rows (tests/test_gpu.py), when they ran."""
+    gpu = sys.modules.get("tests.test_gpu")
+    lines = gpu.report_lines() if gpu else []
+    if lines:
+        terminalreporter.section("GPU backend against the CPU")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -131,24 +131,31 @@ def test_stamp_inspect_run_cli(patched_runtime, tiny_gguf, tmp_path):
     assert res["layer_counts"] == [2, 2, 2]
 
 
-def test_alloc_t_is_off_on_gpu_layers_unless_asked(monkeypatch):
-    """Alloc-T aborted on CUDA: loads with GPU layers turn it off (token_k_max = 0) unless opted in."""
+def test_alloc_t_is_off_on_unverified_gpu_layers_unless_asked(monkeypatch):
+    """Alloc-T aborted on CUDA: loads with layers on a GPU backend other than Vulkan (checked on lavapipe by
+    `make test`) turn it off (token_k_max = 0) unless opted in."""
     import types
 
     from allocmoe_edge import runtime
 
     gpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: True)
     monkeypatch.setattr(runtime, "llama_cpp_module", lambda: gpu)
+    on = lambda *names: [{"backend": n} for n in ("CPU", *names)]  # noqa: E731
+    monkeypatch.setattr(runtime, "devices", lambda: on("CUDA"))
     info = types.SimpleNamespace(meta=AllocmoeMeta(token_k_max=4))
-    assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)
-    assert runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=-1)
-    assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=0)
-    assert not runtime._alloc_t_on_gpu(info, {Keys.TOKEN_K_MAX: 0}, n_gpu_layers=99)
-    assert not runtime._alloc_t_on_gpu(info, {Keys.ENABLED: False}, n_gpu_layers=99)
-    assert not runtime._alloc_t_on_gpu(types.SimpleNamespace(meta=AllocmoeMeta()), {}, n_gpu_layers=99)
+    assert runtime._unverified_gpu_backends(info, {}, n_gpu_layers=99) == ["CUDA"]
+    assert runtime._unverified_gpu_backends(info, {}, n_gpu_layers=-1) == ["CUDA"]
+    assert not runtime._unverified_gpu_backends(info, {}, n_gpu_layers=0)
+    assert not runtime._unverified_gpu_backends(info, {Keys.TOKEN_K_MAX: 0}, n_gpu_layers=99)
+    assert not runtime._unverified_gpu_backends(info, {Keys.ENABLED: False}, n_gpu_layers=99)
+    assert not runtime._unverified_gpu_backends(types.SimpleNamespace(meta=AllocmoeMeta()), {}, n_gpu_layers=99)
+    monkeypatch.setattr(runtime, "devices", lambda: on("Vulkan"))
+    assert not runtime._unverified_gpu_backends(info, {}, n_gpu_layers=99)
+    monkeypatch.setattr(runtime, "devices", lambda: on("Vulkan", "RPC"))
+    assert runtime._unverified_gpu_backends(info, {}, n_gpu_layers=99) == ["RPC"]
     cpu = types.SimpleNamespace(llama_supports_gpu_offload=lambda: False)
     monkeypatch.setattr(runtime, "llama_cpp_module", lambda: cpu)
-    assert not runtime._alloc_t_on_gpu(info, {}, n_gpu_layers=99)
+    assert not runtime._unverified_gpu_backends(info, {}, n_gpu_layers=99)
 
 
 @pytest.mark.runtime

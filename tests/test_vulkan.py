@@ -69,3 +69,13 @@ def test_doctor_lists_the_devices(patched_runtime):
 
     devices = doctor()["devices"]
     assert any(d["backend"] == "CPU" and d["type"] == "CPU" and d["name"] for d in devices), devices
+
+
+def test_lavapipe_is_found_by_its_driver_manifest(tmp_path):
+    icd = tmp_path / "icd.d"
+    icd.mkdir()
+    assert not vulkan.lavapipe_installed((icd, tmp_path / "missing"))
+    (icd / "radeon_icd.x86_64.json").write_text("{}")
+    assert not vulkan.lavapipe_installed((icd,))
+    (icd / "lvp_icd.x86_64.json").write_text("{}")
+    assert vulkan.lavapipe_installed((tmp_path / "missing", icd))
