@@ -1,5 +1,5 @@
 """Build the patched llama.cpp with CMake alone: the shared libraries for ``LLAMA_CPP_LIB_PATH``,
-and llama.cpp's ``ggml-rpc-server`` for RPC builds.
+llama.cpp's ``ggml-rpc-server`` for RPC builds, and llama.cpp's own programs (`TOOLS`).
 
 The wheel (`build_runtime`) is what users install. A machine that only needs the library, such
 as the offline GPU machine of the device check, builds it here instead: from an already patched
@@ -7,7 +7,8 @@ tree (`scripts/device_carry.py` lays one out and stamps it with the patch hash) 
 sdist, with the same CMake flags as the wheel, and cached under a key made of the sdist, the patch
 series and the options, so a second run with the same inputs skips the build. RPC builds
 (``BuildOptions(rpc=True)``) add the server, which runs the patched ggml on another machine; the
-wheel's ``--rpc`` builds it alone (`build_rpc_server`).
+wheel's ``--rpc`` builds it alone (`build_rpc_server`). `build_tools` builds llama-server, llama-cli,
+llama-bench and llama-perplexity from the same patched sources, cached the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from .errors import AllocMoeError
 STAMP = ".allocmoe-patch-hash"  # in a patched tree: the patch_hash() it was patched with
 LIBRARY = "llama"
 RPC_SERVER = "ggml-rpc-server"  # llama.cpp's tools/rpc: serves the ggml backends of its machine over TCP
-_ARTIFACTS = {LIBRARY: f"lib{LIBRARY}.so", RPC_SERVER: RPC_SERVER}  # what each CMake target leaves in bin/
+TOOLS = ("llama-server", "llama-cli", "llama-bench", "llama-perplexity")  # llama.cpp's programs users run
+_ARTIFACTS = {LIBRARY: f"lib{LIBRARY}.so", RPC_SERVER: RPC_SERVER, **{t: t for t in TOOLS}}  # left in bin/
 
 
 def llama_patch_hash() -> str:
@@ -53,13 +55,16 @@ def library_key(opts: BuildOptions) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cmake_configure_args(opts: BuildOptions) -> list[str]:
+def cmake_configure_args(opts: BuildOptions, programs: bool = False) -> list[str]:
     """The wheel's CMake flags plus what a bare libllama build needs (shared libraries; no tools, except
-    for RPC builds: llama.cpp configures tools/rpc only with its tools and their common library)."""
-    tools = "ON" if opts.rpc else "OFF"
+    for RPC builds: llama.cpp configures tools/rpc only with its tools and their common library), or with
+    ``programs`` what `TOOLS` need: the server without its web UI (no download of prebuilt assets) and
+    without OpenSSL (plain HTTP)."""
+    tools = "ON" if opts.rpc or programs else "OFF"
+    server = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+              "-DLLAMA_OPENSSL=OFF"] if programs else ["-DLLAMA_BUILD_SERVER=OFF"]
     return ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
-            f"-DLLAMA_BUILD_COMMON={tools}", f"-DLLAMA_BUILD_TOOLS={tools}", "-DLLAMA_BUILD_SERVER=OFF",
-            *opts.cmake_args()]
+            f"-DLLAMA_BUILD_COMMON={tools}", f"-DLLAMA_BUILD_TOOLS={tools}", *server, *opts.cmake_args()]
 
 
 def stamp_tree(tree: Path) -> None:
@@ -95,6 +100,23 @@ def build_rpc_server(opts: BuildOptions, jobs: int | None = None, log: Callable[
     return folder / RPC_SERVER
 
 
+def build_tools(opts: BuildOptions, jobs: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """Return the folder holding `TOOLS` (with the ggml libraries they load) built from the pinned sdist with
+    the patches and ``opts``, building them with CMake when the cache has none."""
+    return _cached_build(opts, "tools", TOOLS, None, jobs, None, log)
+
+
+def cached_tools() -> list[dict[str, object]]:
+    """The cached builds of `TOOLS` made with the current patch series: each with its folder and options."""
+    found = []
+    for meta in sorted((cache_dir() / "tools").glob("*/build.json")):
+        info = json.loads(meta.read_text())
+        folder = meta.parent / "bin"
+        if info.get("patch_sha256") == llama_patch_hash() and all((folder / t).is_file() for t in TOOLS):
+            found.append({"folder": str(folder), "backend": info["options"]["backend"], "key": info["key"]})
+    return found
+
+
 def _cached_build(opts: BuildOptions, kind: str, targets: tuple[str, ...], source: Path | None, jobs: int | None,
                   build_dir: Path | None, log: Callable[[str], None]) -> Path:
     """Build ``targets`` with CMake into ``<cache>/<kind>/<key>/bin`` (shared libraries and executables),
@@ -117,7 +139,8 @@ def _cached_build(opts: BuildOptions, kind: str, targets: tuple[str, ...], sourc
         build = Path(build_dir).resolve() if build_dir else work / "build"
         jobs = jobs or os.cpu_count() or 1
         log(f"configuring the {opts.backend} build in {build} ({' '.join(opts.cmake_args())})")
-        run_logged(["cmake", "-S", str(tree), "-B", str(build), *cmake_configure_args(opts)], logfile,
+        programs = any(t in TOOLS for t in targets)
+        run_logged(["cmake", "-S", str(tree), "-B", str(build), *cmake_configure_args(opts, programs)], logfile,
                    "cmake (configure)", log)
         log(f"building {', '.join(targets)} with {jobs} jobs (minutes; log: {logfile})")
         run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", *targets], logfile,

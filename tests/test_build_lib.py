@@ -100,17 +100,39 @@ def test_rpc_library_build_adds_the_server(fake_cmake):
     assert folder.parent.parent.name == "lib"
 
 
-def test_rpc_server_alone_is_cached_apart_from_libraries(fake_cmake, monkeypatch, tmp_path):
-    _, commands = fake_cmake
+@pytest.fixture
+def fake_sdist(fake_cmake, monkeypatch, tmp_path):
+    """`fake_cmake`, and the pinned sdist an empty patched tree (builds that patch it themselves)."""
     (tmp_path / "sdist" / "vendor" / "llama.cpp").mkdir(parents=True)
     monkeypatch.setattr(build_lib, "fetch_sdist", lambda log: tmp_path / "sdist.tar.gz")
     monkeypatch.setattr(build_lib, "_unpack", lambda sdist, into: tmp_path / "sdist")
     monkeypatch.setattr(build_lib, "apply_patches", lambda tree, log: None)
+    return fake_cmake
+
+
+def test_rpc_server_alone_is_cached_apart_from_libraries(fake_sdist, monkeypatch):
+    _, commands = fake_sdist
     server = build_lib.build_rpc_server(BuildOptions(), log=lambda m: None)  # rpc is implied
     assert server.name == "ggml-rpc-server" and server.parent.parent.parent.name == "rpc-server"
     assert commands[-1][-2:] == ["--target", "ggml-rpc-server"] and "-DGGML_RPC=ON" in commands[0]
     monkeypatch.setattr(build_lib, "run_logged", lambda *a: pytest.fail("cmake ran for a cached server"))
     assert build_lib.build_rpc_server(RPC, log=lambda m: None) == server
+
+
+def test_tools_build_llama_cpps_programs_without_downloads_and_are_cached(fake_sdist, monkeypatch):
+    _, commands = fake_sdist
+    assert build_lib.cached_tools() == []
+    vulkan = BuildOptions(backend="vulkan")
+    folder = build_lib.build_tools(vulkan, log=lambda m: None)
+    assert commands[-1][-5:] == ["--target", *build_lib.TOOLS]
+    assert {"-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+            "-DGGML_VULKAN=ON"} <= set(commands[0])  # no web UI download, no OpenSSL
+    assert folder.parent.parent.name == "tools" and set(build_lib.TOOLS) <= {f.name for f in folder.iterdir()}
+    assert build_lib.cached_tools() == [{"folder": str(folder), "backend": "vulkan", "key": folder.parent.name}]
+    monkeypatch.setattr(build_lib, "run_logged", lambda *a: pytest.fail("cmake ran for cached tools"))
+    assert build_lib.build_tools(vulkan, log=lambda m: None) == folder
+    monkeypatch.setattr(build_lib, "llama_patch_hash", lambda: "another series")
+    assert build_lib.cached_tools() == []  # built from other patches: not offered
 
 
 def test_gpu_check_script_parses():

@@ -24,6 +24,10 @@ import click
               help="Build with llama.cpp's RPC backend (GGML_RPC=ON: load(..., rpc_servers=[...]) offloads layers to "
                    "other machines) and also build its rpc-server (ggml-rpc-server) from the same patched sources; "
                    "its path is printed after the wheel's. Run the server on each machine that lends its CPU or GPU.")
+@click.option("--tools", is_flag=True,
+              help="Also build llama.cpp's own programs from the same patched sources and options: llama-server, "
+                   "llama-cli, llama-bench and llama-perplexity (cached like the wheel; their folder is printed "
+                   "last). They run budgeted files as llama.cpp's users know them (see the README).")
 @click.option("--no-install", is_flag=True, help="Only build and cache the wheel; print its path.")
 @click.option("--library-only", is_flag=True,
               help="Build only the shared libraries with CMake (no wheel, nothing installed) and print their "
@@ -36,8 +40,8 @@ import click
               help="(--library-only) keep the CMake build here and build incrementally (default: a scratch folder).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="(--library-only, and rpc-server) parallel compile jobs (default: all cores).")
-def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize: str, rpc: bool, no_install: bool,
-            library_only: bool, source: str | None, build_dir: str | None, jobs: int | None) -> None:
+def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize: str, rpc: bool, tools: bool,
+            no_install: bool, library_only: bool, source: str | None, build_dir: str | None, jobs: int | None) -> None:
     """Build llama-cpp-python from its pinned sdist with patches/ applied, cache the
     wheel ($ALLOCMOE_CACHE, default ~/.cache/allocmoe-edge) and install it.
 
@@ -46,7 +50,8 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
 
     Examples: allocmoe build-runtime --backend cuda --cuda-arch 89;
     allocmoe build-runtime --backend vulkan --library-only (lavapipe: GGML_VK_VISIBLE_DEVICES=0);
-    allocmoe build-runtime --rpc (then start the printed rpc-server on every machine)
+    allocmoe build-runtime --rpc (then start the printed rpc-server on every machine);
+    allocmoe build-runtime --tools (llama-server, llama-cli, llama-bench, llama-perplexity)
     """
     from pathlib import Path
 
@@ -67,6 +72,7 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
 
         lib = build_library(opts, Path(source) if source else None, jobs, Path(build_dir) if build_dir else None, log)
         click.echo(str(lib))
+        _tools(opts, tools, jobs, log)
         return
     if source or build_dir:
         raise AllocMoeError("--source and --build-dir are for --library-only builds")
@@ -75,3 +81,12 @@ def command(backend: str, cuda_arch: str, cuda_fa: bool, native: bool, sanitize:
         from ..build_lib import build_rpc_server
 
         click.echo(str(build_rpc_server(opts, jobs, log)))
+    _tools(opts, tools, jobs, log)
+
+
+def _tools(opts, wanted: bool, jobs: int | None, log) -> None:
+    """Build llama.cpp's programs when ``wanted`` and print their folder."""
+    if wanted:
+        from ..build_lib import build_tools
+
+        click.echo(str(build_tools(opts, jobs, log)))

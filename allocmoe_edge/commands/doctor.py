@@ -11,13 +11,17 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys include `patched`).")
 def command(as_json: bool) -> None:
     """Report the installed llama-cpp-python, whether it carries the allocmoe patches
-    (budget plans are executed only then) and which backends it was built with."""
+    (budget plans are executed only then), which backends it was built with, and llama.cpp's programs
+    built from the same patches (`allocmoe build-runtime --tools`)."""
+    from ..build_lib import cached_tools
     from ..runtime import doctor
 
-    report = doctor()
+    report = {**doctor(), "tools": cached_tools()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    for tools in report["tools"]:
+        click.echo(f"llama.cpp programs ({tools['backend']}): {tools['folder']}")
     if not report["installed"]:
         click.echo(f"llama-cpp-python: unusable: {report['error']}")
         return
