@@ -107,11 +107,24 @@ def _reference_store(folder: str, shape: tuple[int, int, int]) -> np.ndarray:
     return np.lib.format.open_memmap(os.path.join(folder, "reference.npy"), mode="w+", dtype=np.float32, shape=shape)
 
 
-def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
-    """Log-probs at the scored positions of ``chunk``, decoded from an empty cache as one batch."""
+def scored_half_logits(llm: Any, tokens: Sequence[int], first: int) -> np.ndarray:
+    """Logits [len(tokens) - first, n_vocab] of positions ``first..`` of ``tokens``, decoded from an empty
+    cache as one batch whose only outputs are those positions, as llama-perplexity asks: llama.cpp's last
+    layer then runs those tokens alone, which the batch rule's redistribution there sees."""
+    from .graph_probe import decode_batch
+    from .runtime import llama_cpp_module
+
     llm.reset()
-    llm.eval(chunk.tolist())
-    return log_probs(llm.scores[scored(len(chunk))])
+    llm._ctx.kv_cache_clear()
+    decode_batch(llm._ctx.ctx, tokens, 0, [i >= first for i in range(len(tokens))])
+    logits = llama_cpp_module().llama_get_logits(llm._ctx.ctx)
+    return np.ctypeslib.as_array(logits, shape=(len(tokens) - first, llm.n_vocab())).copy()
+
+
+def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
+    """Log-probs at the scored positions of ``chunk`` (llama-perplexity's protocol, `scored_half_logits`)."""
+    rows = scored(len(chunk))
+    return log_probs(scored_half_logits(llm, chunk.tolist(), rows.start)[:rows.stop - rows.start])
 
 
 def _chunk_log_probs_decoded(counter: Any, chunk: np.ndarray) -> np.ndarray:

@@ -203,6 +203,24 @@ class DecodeCounter:
         self._probe.close()
 
 
+def decode_batch(ctx: Any, tokens: Sequence[int], pos: int, outputs: Sequence[bool]) -> None:
+    """One llama_decode of ``tokens`` at positions ``pos..`` in sequence 0 of the llama.cpp context
+    ``ctx``; ``outputs`` marks the positions whose logits are computed (llama.cpp's last layer runs
+    only those tokens)."""
+    lib, n = llama_cpp_module(), len(tokens)
+    batch = lib.llama_batch_init(n, 0, 1)
+    try:
+        for i, (tok, out) in enumerate(zip(tokens, outputs, strict=True)):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, out
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = n
+        rc = lib.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+    finally:
+        lib.llama_batch_free(batch)
+
+
 class ProbeContext:
     """A llama.cpp context on ``llm``'s model whose scheduler calls ``callback`` (ggml's eval
     callback: asked for every graph node, called with the data of those it asked for); f32 KV
@@ -231,18 +249,7 @@ class ProbeContext:
     def decode(self, tokens: Sequence[int], pos: int, outputs: bool = True) -> None:
         """Decode ``tokens`` at positions ``pos..`` (one llama_decode). With ``outputs`` every position
         is an output (its logits are computed; llama.cpp's last layer skips the other tokens)."""
-        lib, n = self._lib, len(tokens)
-        batch = lib.llama_batch_init(n, 0, 1)
-        try:
-            for i, tok in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos + i, 1, outputs
-                batch.seq_id[i][0] = 0
-            batch.n_tokens = n
-            rc = lib.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-        finally:
-            lib.llama_batch_free(batch)
+        decode_batch(self.ctx, tokens, pos, [outputs] * len(tokens))
 
     def logits(self, n: int) -> np.ndarray:
         """A copy of the logits of the last decode's ``n`` outputs [n, n_vocab]."""

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
+from allocmoe_edge import evaluate
 from allocmoe_edge.errors import AllocMoeError
 from allocmoe_edge.evaluate import evaluate_llama, gguf_configurations, uniform_k
 from allocmoe_edge.gguf_meta import Keys, copy_with_metadata, plan_for_counts, read_info, stamp
@@ -119,6 +120,8 @@ def test_evaluate_llama_protocol_with_fake_runtime(tmp_path, monkeypatch):
         return FakeLlama(choice, calls, **kw)
 
     monkeypatch.setattr(runtime, "load", fake_load)
+    monkeypatch.setattr(evaluate, "scored_half_logits",
+                        lambda llm, tokens, first: llm.eval(tokens) or llm.scores[first:])
     monkeypatch.setattr(runtime, "layer_counts", lambda llm: [2, 2, 2] if llm.choice.plan_index is None else [1, 2, 1])
     monkeypatch.setattr(runtime, "doctor", lambda: {"patched": True})
     text = tmp_path / "t.txt"
