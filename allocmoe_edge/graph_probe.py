@@ -51,7 +51,7 @@ def _read_2d(ggml: Any, t: int, head: _TensorHead, dtype: type = np.int32) -> np
 
 def _layer_entry(seen: dict[int, dict[str, Any]], layer: int) -> dict[str, Any]:
     return seen.setdefault(layer, {"pairs": None, "ids": None, "active": None, "per_token": None, "out": None,
-                                   "experts": None, "candidates": None})
+                                   "experts": None})
 
 
 def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_offload: bool = True,
@@ -65,6 +65,8 @@ def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_o
     experts (a frozenset per token), else None}``, and the logits [n_tokens, n_vocab]."""
     ggml = _ggml_base()
     seen: dict[int, dict[str, Any]] = {}
+    candidates: dict[int, np.ndarray] = {}  # Alloc-T's candidates [T, k_max] and kept mask per layer
+    masks: dict[int, np.ndarray] = {}
 
     def callback(t: int, ask: bool, _: Any) -> bool:
         m = _NAME.match((ggml.ggml_get_name(t) or b"").decode())
@@ -72,7 +74,8 @@ def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_o
             return False
         if ask:
             return True
-        layer = _layer_entry(seen, int(m.group(2)))
+        il = int(m.group(2))
+        layer = _layer_entry(seen, il)
         head = _TensorHead.from_address(t)
         if m.group(1) == "ffn_moe_topk":
             layer["pairs"] = int(head.ne[0] * head.ne[1] * head.ne[2] * head.ne[3])
@@ -81,12 +84,12 @@ def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_o
         elif m.group(1) == "ffn_moe_out":
             layer["out"] = _read_2d(ggml, t, head, np.float32)
         elif m.group(1) == "ffn_moe_candidates":
-            layer["candidates"] = _read_2d(ggml, t, head)
+            candidates[il] = _read_2d(ggml, t, head)
         else:
             buf = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
             ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
-            layer["mask"] = buf.reshape(int(head.ne[2]), int(head.ne[1])) > 0
-            layer["per_token"] = layer["mask"].sum(axis=1).astype(int).tolist()
+            masks[il] = buf.reshape(int(head.ne[2]), int(head.ne[1])) > 0
+            layer["per_token"] = masks[il].sum(axis=1).astype(int).tolist()
         return True
 
     with ProbeContext(llm, len(tokens), callback, op_offload=op_offload) as probe:
@@ -94,11 +97,10 @@ def moe_activations(llm: Any, tokens: Sequence[int], *, choice: Any = None, op_o
             set_context_plan(probe.ctx, choice)
         probe.decode(tokens, 0)
         logits = probe.logits(len(tokens))
-    for layer in seen.values():
-        mask, candidates = layer.pop("mask", None), layer.pop("candidates")
-        if outputs:  # the batch rule's ids hold compacted pairs: its tokens' experts are its kept candidates
-            rows = [c[m] for c, m in zip(candidates, mask)] if mask is not None else layer["ids"]
-            layer["experts"] = [frozenset(int(e) for e in r if e >= 0) for r in rows]
+    for il, layer in seen.items() if outputs else ():
+        # the batch rule's ids hold compacted pairs: its tokens' experts are its kept candidates
+        rows = [c[k] for c, k in zip(candidates[il], masks[il])] if il in masks else layer["ids"]
+        layer["experts"] = [frozenset(int(e) for e in r if e >= 0) for r in rows]
     return dict(sorted(seen.items())), logits
 
 
