@@ -44,6 +44,17 @@ def patched_runtime() -> None:
 
 
 @pytest.fixture(scope="session")
+def llama_tools() -> Path:
+    """The folder of llama.cpp's programs built from the patched sources (`allocmoe build-runtime --tools`)."""
+    from allocmoe_edge.build_lib import TOOLS, build_tools
+    from allocmoe_edge.build_runtime import BuildOptions
+
+    folder = build_tools(BuildOptions(), log=lambda m: None)
+    assert all((folder / t).is_file() for t in TOOLS)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def gpt2_vocab() -> Path:
     """llama.cpp's GPT-2 vocab GGUF from the pinned sdist (a BPE the converter knows)."""
     from allocmoe_edge.build_runtime import vendor_dir

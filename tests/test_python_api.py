@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from allocmoe_edge.runtime import LoadChoice, load
 
 from .conftest import BUNDLED_PLANS
 from .ggufs import write_fake_moe
+from .llama_programs import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # the modules of the `server` extra (llama-cpp-python's own server extra)
@@ -70,12 +70,6 @@ def test_readme_python_api_examples_run(patched_runtime, bundled_budget_gguf, tm
         alone.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post_when_up(url: str, body: dict[str, Any], server: subprocess.Popen, log: Path,
                   timeout: float) -> dict[str, Any]:
     """POST ``body`` as JSON once the server answers; fail with its log if it exits or never answers."""
@@ -103,7 +97,7 @@ def test_openai_server_serves_a_chosen_plan(patched_runtime, bundled_budget_gguf
     missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"the server's dependencies are not installed ({', '.join(missing)}): pip install -e '.[server]'")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_budget_gguf),
            "--kv_overrides", "allocmoe.plan_index=int:1", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256"]
