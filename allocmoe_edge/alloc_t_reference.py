@@ -8,11 +8,14 @@ group spends exactly ``k x T`` activations. With T = 1, or ``k_max == k``, it is
 
 The decode rule (`select_above`, thresholds from `thresholds`) is the large-T limit of the same
 rule applied to one token at a time: keep the top-``k_min`` and every further candidate whose
-score exceeds the layer's threshold.
+score exceeds the layer's threshold. Its budget controller (`select_above_controlled`, patch 0010)
+moves the threshold after every token of a sequence by integral action on the count it kept, so the
+running mean holds at k on any text (the law and why: ``llama_allocmoe_ctrl`` in llama-graph.h).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import AllocMoeError
@@ -25,6 +28,37 @@ def check_bounds(k: int, k_min: int, k_max: int, n_expert: int) -> None:
             f"Alloc-T needs 1 <= k_min <= k <= k_max <= n_expert, got k_min={k_min}, k={k}, "
             f"k_max={k_max}, n_expert={n_expert}"
         )
+
+
+CONTROL_GAIN = 4.0  # the controller's gain times its window: the loop's time constant is about window / 4 tokens
+CONTROL_BOUNDS = (-4.0, 20.0)  # the threshold offset's range, in units of the threshold's size
+
+
+def select_above_controlled(ranked: torch.Tensor, tau: float, k: int, k_min: int, k_max: int,
+                            window: int) -> torch.Tensor:
+    """The decode rule with its budget controller over one sequence's tokens in order (``ranked``
+    [T, k_max], scores best first): token t's threshold is ``tau + u_t * max(|tau|, 1e-3)``, with
+    ``u_0 = 0`` and ``u_{t+1} = clamp(u_t + CONTROL_GAIN / window * (n_t - k) / k)``, n_t the count token
+    t kept; no update when n_t is held at k_max (wanting more) or k_min (wanting fewer). float32, as
+    llama.cpp computes it."""
+
+    if not np.isfinite(tau):  # a layer at k_min or k_max: plain top-k, nothing to control
+        return select_above(ranked, tau, k_min)
+    f32 = np.float32
+    lo, hi = f32(CONTROL_BOUNDS[0]), f32(CONTROL_BOUNDS[1])
+    gain, base = f32(CONTROL_GAIN) / f32(window), f32(tau)
+    scale = max(abs(base), f32(1e-3))
+    keep = torch.zeros_like(ranked, dtype=torch.bool)
+    u = f32(0)
+    for t in range(ranked.shape[0]):
+        thr = torch.tensor(base + u * scale, dtype=torch.float32)
+        keep[t] = ranked[t].float() > thr
+        keep[t, :k_min] = True
+        n = int(keep[t].sum())
+        e = (f32(n) - f32(k)) / f32(k)
+        if not ((e < 0 and n >= k_max) or (e > 0 and n <= k_min)):
+            u = min(max(u + gain * e, lo), hi)
+    return keep
 
 
 def select_ranked(ranked: torch.Tensor, k: int, k_min: int = 1) -> torch.Tensor:

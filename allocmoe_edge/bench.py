@@ -70,7 +70,7 @@ from .allocate import stamp_uniform_split
 from .bench_worker import Worker, interleave
 from .benchstats import BASELINE, percentiles, speedup, summary
 from .errors import AllocMoeError
-from .evaluate import EvalConfig, Progress, gguf_configurations
+from .evaluate import EvalConfig, Progress, gguf_configurations, with_fixed_thresholds
 from .fsutil import scratch_dir
 from .gguf_meta import GgufModelInfo, read_header, read_info
 from .placement import cpu_expert_blocks, expert_block
@@ -97,6 +97,7 @@ class BenchOptions:
     seed: int = 0  # of the random prompt tokens
     timeout: float | None = None  # seconds per configuration (its loads and all its tests)
     max_loaded: int | None = None  # configurations loaded at once (None: as many as system memory holds)
+    fixed_thresholds: bool = False  # also each Alloc-T row with the decode rule's budget controller off
 
     def check(self) -> None:
         """Raise AllocMoeError for options that cannot be measured."""
@@ -149,10 +150,13 @@ def job(path: str | Path, config: EvalConfig, opts: BenchOptions) -> dict[str, A
             "prompts": list(opts.prompts), "n_gen": opts.n_gen, "seed": opts.seed}
 
 
-def configurations(info: GgufModelInfo, budgets: tuple[float, ...] | None) -> list[EvalConfig]:
+def configurations(info: GgufModelInfo, budgets: tuple[float, ...] | None,
+                   fixed_thresholds: bool = False) -> list[EvalConfig]:
     """The rows `allocmoe eval` makes for this file (`evaluate.gguf_configurations`), so the tables match;
-    ``budgets`` None runs every stored plan."""
-    return gguf_configurations(info, None if budgets is None else list(budgets))
+    ``budgets`` None runs every stored plan. ``fixed_thresholds`` adds each Alloc-T row's twin without the decode
+    rule's budget controller, as `eval --decode` does."""
+    configs = gguf_configurations(info, None if budgets is None else list(budgets))
+    return with_fixed_thresholds(configs) if fixed_thresholds else configs
 
 
 def executed_counts(info: GgufModelInfo, config: EvalConfig) -> tuple[int, ...]:
@@ -274,6 +278,7 @@ def _row(info: GgufModelInfo, config: EvalConfig, counts: tuple[int, ...], limit
     log, error = worker.log_lines()
     ready = worker.ready or {}
     return {"name": config.name, "method": config.method, "alloc_t": config.alloc_t,
+            "decode_control": config.decode_control is not False if config.alloc_t else None,
             "budget": sum(counts) / info.full_budget, "budget_count": sum(counts), "counts": list(counts),
             "kv_overrides": config.choice().kv_overrides(info), **limits,
             **(measurements(worker.replies, opts) if error is None else {"tests": None, "latency": None}),
@@ -325,7 +330,7 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
         full = (info.expert_used_count,) * len(info.moe_layers)
         result["bytes_per_token_full"] = traffic.per_token(full)
         result["cpu_expert_bytes_per_token_full"] = traffic.experts(full, cpu_blocks) if cpu_blocks else None
-        configs = configurations(info, budgets)
+        configs = configurations(info, budgets, opts.fixed_thresholds)
         workers = [Worker(job(path, c, opts), scratch / f"config-{i}.log", opts.timeout) for i, c in enumerate(configs)]
         done, total = itertools.count(1), len(workers) * opts.reps
 

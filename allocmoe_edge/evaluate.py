@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ from .gguf_meta import GgufModelInfo, read_info
 from .plan import BUDGET_TOLERANCE, check_fraction
 from .quality import Scores, chunk_tokens, log_probs, scored, scored_count
 from .runtime import LoadChoice
+
+WINDOW = 64  # tokens: decode rows report the least and the most activations per token over any such window
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
 
@@ -50,11 +52,13 @@ class EvalConfig:
     alloc_t: bool = False
     plan: int | None = None  # index of a stored plan
     k: int | None = None  # uniform top-k
+    decode_control: bool | None = None  # the decode rule's budget controller (None: the file's, on by default)
 
     def choice(self) -> LoadChoice:
         """How llama.cpp runs this configuration (Alloc-T off is token_k_max = 0)."""
         if self.plan is not None:
-            return LoadChoice(plan_index=self.plan, token_k_max=None if self.alloc_t else 0)
+            return LoadChoice(plan_index=self.plan, token_k_max=None if self.alloc_t else 0,
+                              decode_control=self.decode_control)
         if self.k is not None:
             return LoadChoice(uniform_k=self.k)
         return LoadChoice(full_budget=True)
@@ -95,6 +99,13 @@ def gguf_configurations(info: GgufModelInfo, budgets: Sequence[float] | None = N
     return configurations([(p.method, p.budget) for p in info.plans], info.expert_used_count, alloc_t, budgets)
 
 
+def with_fixed_thresholds(configs: Sequence[EvalConfig]) -> list[EvalConfig]:
+    """Each Alloc-T row followed by its twin with the decode rule's budget controller off (``<name> fixed``: the
+    calibrated thresholds alone), for files whose decode rule runs one token per ubatch."""
+    return [twin for c in configs for twin in
+            ([c, replace(c, name=f"{c.name} fixed", decode_control=False)] if c.alloc_t else [c])]
+
+
 # ---------------------------------------------------------------- llama.cpp backend
 
 def _reference_store(folder: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -129,10 +140,11 @@ def _chunk_log_probs(llm: Any, chunk: np.ndarray) -> np.ndarray:
 
 def _chunk_log_probs_decoded(counter: Any, chunk: np.ndarray) -> np.ndarray:
     """Log-probs at the scored positions of ``chunk``, decoded one token per ubatch from an empty
-    cache by a `graph_probe.DecodeCounter` (which counts the experts each token runs)."""
+    cache by a `graph_probe.DecodeCounter` (which counts the experts each token runs). As generation
+    does, every token asks for its logits, so every MoE layer routes every token."""
     rows = scored(len(chunk))
     counter.reset()
-    logits = [counter.step(int(t), logits=rows.start <= i < rows.stop) for i, t in enumerate(chunk)]
+    logits = [counter.step(int(t)) for t in chunk]
     return log_probs(np.stack(logits[rows]))
 
 
@@ -162,6 +174,8 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
     token_mode = info.meta.token_mode
     if decode and token_mode == "batch":  # one token per ubatch, the batch rule is plain per-layer top-k
         configs = [c for c in configs if not c.alloc_t]
+    elif decode:
+        configs = with_fixed_thresholds(configs)
     text, text_meta = read_text(text_file)
     rows = scored(ctx)
     n_ubatch = 1 if decode else ctx
@@ -190,14 +204,18 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                 finally:
                     if counter:
                         counter.close()
+                extra: dict[str, Any] = {}
                 if counter:
                     measured = counter.per_token()
                     counts = [measured.get(layer, 0.0) for layer in info.moe_layers]
+                    low_high = counter.windows(WINDOW)
+                    extra = {"window": WINDOW, "window_min": low_high and low_high[0],
+                             "window_max": low_high and low_high[1]}
                 else:
                     counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
             finally:
                 llm.close()
-            results.append(result_row(config, sum(counts), counts, info.full_budget, scores.summary()))
+            results.append({**result_row(config, sum(counts), counts, info.full_budget, scores.summary()), **extra})
     meta = info.meta
     return {
         "backend": "llama",

@@ -163,13 +163,16 @@ def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512
 class DecodeCounter:
     """Decode one token per ubatch, as generation does, in a context of its own on a loaded model,
     counting the experts each MoE layer runs per token (non-negative ids: under Alloc-T's decode
-    rule a token's count varies). Positions continue until `reset`."""
+    rule a token's count varies). Positions continue until `reset`, which starts a new sequence: each keeps
+    the experts every token ran over all MoE layers (``sequences``)."""
 
     def __init__(self, llm: Any, n_ctx: int) -> None:
         self._ggml = _ggml_base()
         self.tokens = 0
         self.activations: dict[int, int] = {}
         self.routed: dict[int, int] = {}  # tokens each layer routed (the last layer skips tokens without logits)
+        self.sequences: list[list[int]] = [[]]  # per sequence, each token's activations summed over the MoE layers
+        self._step = 0
         self._probe = ProbeContext(llm, n_ctx, self._callback, n_ubatch=1)
         self._pos = 0
 
@@ -179,22 +182,35 @@ class DecodeCounter:
             return m is not None and m.group(1) == "ffn_moe_topk"
         layer = int(m.group(2))
         ids = _read_2d(self._ggml, t, _TensorHead.from_address(t))
-        self.activations[layer] = self.activations.get(layer, 0) + int((ids >= 0).sum())
+        kept = int((ids >= 0).sum())
+        self.activations[layer] = self.activations.get(layer, 0) + kept
         self.routed[layer] = self.routed.get(layer, 0) + len(ids)
+        self._step += kept
         return True
 
     def step(self, token: int, logits: bool = True) -> np.ndarray | None:
         """Decode ``token`` at the next position; its logits [n_vocab] when ``logits`` (as generation
         does; without, llama.cpp's last layer skips the token)."""
+        self._step = 0
         self._probe.decode([token], self._pos, outputs=logits)
+        self.sequences[-1].append(self._step)
         self._pos += 1
         self.tokens += 1
         return self._probe.logits(1)[0] if logits else None
 
     def reset(self) -> None:
-        """Empty the KV cache: the next token is at position 0 (the counts are kept)."""
+        """Empty the KV cache: the next token is at position 0, a new sequence (the counts are kept)."""
         self._probe.clear()
         self._pos = 0
+        if self.sequences[-1]:
+            self.sequences.append([])
+
+    def windows(self, width: int) -> tuple[float, float] | None:
+        """The smallest and largest mean activations per token over any ``width`` consecutive tokens of one
+        sequence (None when no sequence is that long)."""
+        means = [m for seq in self.sequences if len(seq) >= width
+                 for m in (np.convolve(seq, np.ones(width), "valid") / width)]
+        return (float(min(means)), float(max(means))) if means else None
 
     def per_token(self) -> dict[int, float]:
         """Mean experts per token in each MoE layer, over the tokens it routed (llama.cpp's last layer

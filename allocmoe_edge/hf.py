@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .alloc_t_reference import check_bounds, select_above, select_ranked
+from .alloc_t_reference import check_bounds, select_above, select_above_controlled, select_ranked
 from .errors import AllocMoeError
 from .plan import PlanModelShape
 
@@ -281,9 +281,10 @@ def _selection_scores(info: HfMoeShape, router: nn.Module, logits: torch.Tensor)
     return logits.float().softmax(dim=-1)
 
 
-def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None):
+def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None, window: int | None = None):
     """A router forward hook that keeps the Alloc-T selection of the router's top-k_max candidates:
-    the batch rule over all tokens of the forward pass, or the decode rule with threshold ``tau``."""
+    the batch rule over all tokens of the forward pass, or the decode rule with threshold ``tau``
+    (moved by its budget controller over ``window`` tokens, the pass's tokens in order, when given)."""
     routing = info.routing
 
     def hook(router: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,7 +292,12 @@ def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None
         scores = _selection_scores(info, router, logits).gather(1, index)
         order = scores.argsort(dim=1, descending=True)
         scores, weights, index = scores.gather(1, order), weights.gather(1, order), index.gather(1, order)
-        keep = select_ranked(scores, k, k_min) if tau is None else select_above(scores, tau, k_min)
+        if tau is None:
+            keep = select_ranked(scores, k, k_min)
+        elif window is None:
+            keep = select_above(scores, tau, k_min)
+        else:
+            keep = select_above_controlled(scores, tau, k, k_min, scores.shape[1], window)
         kept = weights * keep
         if routing.renormalise:
             # weights are scaling x w / sum(w) over k_max candidates; renormalise over the kept ones
@@ -305,7 +311,7 @@ def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None
 @contextlib.contextmanager
 def alloc_t_routing(
     model: nn.Module, counts: Sequence[int] | Mapping[int, int], k_min: int = 1, k_max: int | None = None,
-    thresholds: Sequence[float] | Mapping[int, float] | None = None,
+    thresholds: Sequence[float] | Mapping[int, float] | None = None, decode_window: int | None = None,
 ) -> Iterator[ActivationCounter]:
     """Context manager: route each MoE layer by Alloc-T (a forward hook on its router); restore on exit.
 
@@ -314,7 +320,8 @@ def alloc_t_routing(
     MoE layer, as ``counts``) the decode rule runs on every token by itself, so a whole sequence
     in one pass equals decoding it one token at a time. Every router runs at ``top_k = k_max``;
     a layer with ``k_l`` equal to ``k_min`` or ``k_max`` is then plain top-k_l, the model's own
-    routing unchanged.
+    routing unchanged. ``decode_window`` runs the decode rule's budget controller over that window
+    (llama.cpp's default: on, 64 tokens), the pass's tokens in order as one sequence (batch size 1).
     """
     info = moe_shape(model)
     per_layer = _per_layer(info, counts)
@@ -328,7 +335,8 @@ def alloc_t_routing(
     rerouted = [layer for layer in info.layers if per_layer[layer.index] < k_max]
     handles = [
         layer.router.register_forward_hook(
-            _alloc_t_hook(info, per_layer[layer.index], k_min, None if taus is None else taus[layer.index]))
+            _alloc_t_hook(info, per_layer[layer.index], k_min, None if taus is None else taus[layer.index],
+                          decode_window))
         for layer in rerouted
     ]
     # Dropped candidates carry the sentinel index n_expert, which the fused experts

@@ -47,10 +47,21 @@ def eval_table(result: dict[str, Any]) -> str:
     # llama-perplexity --kl-divergence's statistics, by its names, so a row reads beside a quantization table
     head = ["config", "budget", "act/token", "PPL", "PPL(Q)/PPL(base)", "KLD mean", "KLD median", "KLD p99",
             "RMS Δp %", "same top p %"]
-    return table(head, [[r["name"], f"{r['budget']:.3f}", f"{r['activations_per_token']:g}",
-                         pm(r["ppl"], r.get("ppl_se"), 4), ratio(r), pm(r.get("kld_mean"), r.get("kld_se"), 6),
-                         pm(r.get("kld_median"), None, 6), pm(r.get("kld_p99"), None, 6), pct(r.get("rms_dp")),
-                         pct(r.get("top1"))] for r in rows], numbers_from=1)
+    # decode rows: the least and the most activations per token over any window of `evaluate.WINDOW` tokens
+    window = next((r["window"] for r in rows if r.get("window")), None)
+    if window:
+        head.insert(3, f"{window}-token windows")
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        out = [r["name"], f"{r['budget']:.3f}", f"{r['activations_per_token']:g}", pm(r["ppl"], r.get("ppl_se"), 4),
+               ratio(r), pm(r.get("kld_mean"), r.get("kld_se"), 6), pm(r.get("kld_median"), None, 6),
+               pm(r.get("kld_p99"), None, 6), pct(r.get("rms_dp")), pct(r.get("top1"))]
+        if window:
+            low, high = r.get("window_min"), r.get("window_max")
+            out.insert(3, "-" if low is None else f"{low:.3g} .. {high:.3g}")
+        return out
+
+    return table(head, [cells(r) for r in rows], numbers_from=1)
 
 
 def demo_quality_table(rows: list[dict[str, Any]]) -> str:
@@ -65,9 +76,10 @@ def demo_quality_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- speed
 
 def _config_cells(result: dict[str, Any], row: dict[str, Any]) -> list[str]:
-    """The cells naming a row: model, budget, method, Alloc-T."""
-    return [Path(result["model"]).name, f"{row['budget']:.2f} ({row['budget_count']})", row["method"],
-            "on" if row["alloc_t"] else "off"]
+    """The cells naming a row: model, budget, method, Alloc-T ("on, fixed": its decode rule without the budget
+    controller)."""
+    alloc_t = ("on" if row.get("decode_control") is not False else "on, fixed") if row["alloc_t"] else "off"
+    return [Path(result["model"]).name, f"{row['budget']:.2f} ({row['budget_count']})", row["method"], alloc_t]
 
 
 def speed_table(result: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from .gguf_meta import GgufModelInfo, Keys, find_plan, read_info
 from .placement import cpu_moe_overrides, expert_placement, placement_line
 from .plan import TOKEN_MODES, check_fraction
 
-PATCH_SERIES_VERSION = 5  # llama_allocmoe_version() of the patch series this package builds (patches/0004)
+PATCH_SERIES_VERSION = 6  # llama_allocmoe_version() of the patch series this package builds (patches/0004; 6: 0010)
 
 
 def llama_cpp_module() -> Any:
@@ -114,6 +114,8 @@ class LoadChoice:
     uniform_k: int | None = None  # stock `<arch>.expert_used_count` override, plan disabled
     token_k_max: int | None = None  # override Alloc-T's k_max (0 turns Alloc-T off)
     token_mode: str | None = None  # override which Alloc-T rule runs: "batch", "decode" or "both" (gguf_meta)
+    decode_control: bool | None = None  # the decode rule's budget controller on / off (default: on)
+    decode_window: int | None = None  # its window in tokens (default: 64)
 
     def kv_overrides(self, info: GgufModelInfo) -> dict[str, bool | int | float | str]:
         """The scalar kv_overrides that make llama.cpp run this choice."""
@@ -137,6 +139,12 @@ class LoadChoice:
             if self.token_mode not in TOKEN_MODES:
                 raise AllocMoeError(f"token mode {self.token_mode!r} is not one of {', '.join(TOKEN_MODES)}")
             kv[Keys.TOKEN_MODE] = self.token_mode
+        if self.decode_control is not None:
+            kv[Keys.DECODE_CONTROL] = bool(self.decode_control)
+        if self.decode_window is not None:
+            if not 1 <= self.decode_window <= 65536:
+                raise AllocMoeError(f"decode window {self.decode_window} is outside [1, 65536] tokens")
+            kv[Keys.DECODE_WINDOW] = int(self.decode_window)
         return kv
 
 

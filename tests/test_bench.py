@@ -59,6 +59,12 @@ def test_uniform_split_plans(tmp_path):
     # with budgets, plans are matched as `allocmoe eval` matches them (within 0.02)
     assert [c.name for c in configurations(info, (0.75,))] == [
         "full", "uniform-split+t (plan 0)", "uniform-split (plan 0)", "uniform k=3"]
+    # --fixed-thresholds: each Alloc-T row's twin runs the decode rule without its budget controller
+    fixed = configurations(info, (0.75,), fixed_thresholds=True)
+    assert [c.name for c in fixed] == ["full", "uniform-split+t (plan 0)", "uniform-split+t (plan 0) fixed",
+                                       "uniform-split (plan 0)", "uniform k=3"]
+    assert fixed[1].choice().decode_control is None and fixed[2].choice().decode_control is False
+    assert fixed[2].choice().kv_overrides(info)["allocmoe.decode_control"] is False
 
 
 def test_stamped_copy_stays_synthetic(tmp_path, olmoe_2layer):
@@ -128,7 +134,7 @@ def test_jobs_are_plain_json_and_pass_placement_only_when_set(tmp_path):
     plain = job(tmp_path / "m.gguf", config, BenchOptions(prompts=(512, 2048), n_gen=128, threads=2))
     assert json.loads(json.dumps(plain)) == plain
     assert plain["choice"] == {"plan_index": 1, "full_budget": False, "uniform_k": None, "token_k_max": 0,
-                               "token_mode": None}
+                               "token_mode": None, "decode_control": None, "decode_window": None}
     assert plain["llama"] == {"n_ctx": 2176, "n_batch": 2048, "n_ubatch": 2048, "n_gpu_layers": 0,
                               "flash_attn": False, "n_threads": 2, "n_threads_batch": 2}
     hybrid = job(tmp_path / "m.gguf", config, BenchOptions(n_gpu_layers=99, cpu_moe=True, n_cpu_moe=3))

@@ -122,22 +122,33 @@ def test_decode_rule_one_token_per_ubatch_matches_torch(patched_runtime, tiny_gg
     stamped = stamp(path, tmp_path / "d.gguf", [plan], k_min=1, k_max=k_max, token_mode="both")
     assert stamped.allocmoe["version"] == 2 and stamped.plans[0].thresholds == pytest.approx(per_block)
 
-    llm = load_for_test(stamped.path, logits_all=True, n_ctx=64, n_batch=1, n_ubatch=1, n_threads=2,
-                        type_k=0, type_v=0)  # one token per ubatch, f32 KV cache
-    llm.eval(tokens)
-    got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
+    def decoded(choice: LoadChoice) -> np.ndarray:
+        llm = load_for_test(stamped.path, choice, logits_all=True, n_ctx=64, n_batch=1, n_ubatch=1, n_threads=2,
+                            type_k=0, type_v=0)  # one token per ubatch, f32 KV cache
+        llm.eval(tokens)
+        out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        llm.close()
+        return out
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+    # the calibrated thresholds alone (budget controller off), then with the controller (on by default; a
+    # short window so that it moves within these 24 tokens), each against its torch reference
     alloc_t = {"k_min": 1, "k_max": k_max, "thresholds": taus}
     ref = torch_logits(hf_dir, tokens, counts, alloc_t=alloc_t)
-    rel = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-    assert rel < RTOL, f"{arch}: llama.cpp decode rule vs torch reference {rel:.2e}"
+    assert rel(decoded(LoadChoice(decode_control=False)), ref) < RTOL, f"{arch}: decode rule vs torch"
+    controlled = torch_logits(hf_dir, tokens, counts, alloc_t={**alloc_t, "decode_window": 4})
+    assert rel(decoded(LoadChoice(decode_window=4)), controlled) < RTOL, f"{arch}: controlled decode rule vs torch"
+    assert rel(controlled, ref) > 0.01  # the controller moved thresholds across candidates' scores
     per_layer = torch_logits(hf_dir, tokens, counts)
-    assert float(np.max(np.abs(per_layer - ref)) / np.max(np.abs(ref))) > 0.05  # the rule changes the result
+    assert rel(per_layer, ref) > 0.05  # the rule changes the result
 
-    # "decode" mode runs the rule on every ubatch: one ubatch of all tokens gives the same logits, and
-    # the ids mark dropped candidates -1, so each layer executes what the reference routes
+    # "decode" mode runs the rule on every ubatch: in one ubatch of all tokens each token sees the thresholds its
+    # sequence started the ubatch with (the calibrated ones here), and the ids mark dropped candidates -1, so
+    # each layer executes what the reference routes
     acts, batch = moe_activations(load_for_test(stamped.path, LoadChoice(token_mode="decode")), tokens)
-    assert float(np.max(np.abs(batch - ref)) / np.max(np.abs(ref))) < RTOL
+    assert rel(batch, ref) < RTOL
     from transformers import AutoModelForCausalLM
 
     from allocmoe_edge import hf
@@ -223,3 +234,93 @@ def test_eval_decode_protocol_measures_what_each_token_runs(patched_runtime, tin
     assert 3 <= decoded["activations_per_token"] <= 3 * k_max and decoded["activations_per_token"] != sum(counts)
     assert all(isinstance(c, float) for c in decoded["counts"])  # measured means, not the plan's integers
     assert decoded["kld_mean"] > 0 and decoded["kld_mean"] != rows["custom (plan 0)"]["kld_mean"]
+
+
+# ---------------------------------------------------------------------------- the budget controller (patch 0010)
+
+def test_controller_reference_holds_the_mean_where_fixed_thresholds_drift():
+    """The torch reference of the controlled rule on scores unlike its calibration's: every token's scores
+    shifted up, so the calibrated threshold keeps far more than k; the controller brings the mean back."""
+    from allocmoe_edge.alloc_t_reference import select_above_controlled
+
+    ranked = torch.tensor(_ranked(n=2000, n_expert=16, seed=1)[:, :8], dtype=torch.float32)
+    tau = solve_threshold(rank_quantiles(0, ranked.numpy()), 3, k_min=1, k_max=8)
+    drifted = ranked * 1.6  # the same ranking, larger scores
+    fixed = select_above(drifted, tau, 1).sum(dim=1).float()
+    held = select_above_controlled(drifted, tau, 3, 1, 8, window=64).sum(dim=1).float()
+    assert fixed.mean() > 3 * 1.2  # the calibrated threshold alone overspends by more than 20 %
+    assert abs(held.mean() - 3) < 0.03 * 3, held.mean()
+    windows = held.unfold(0, 64, 1).mean(dim=1)
+    assert abs(windows[64:] - 3).max() < 0.1 * 3  # after the first window, every 64-token window within 10 %
+    assert torch.equal(select_above_controlled(ranked, math.inf, 1, 1, 8, 64), select_above(ranked, math.inf, 1))
+
+
+def test_controller_choice_and_metadata(tmp_path):
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+    from allocmoe_edge.runtime import LoadChoice
+
+    from .ggufs import write_fake_moe
+
+    src = write_fake_moe(tmp_path / "f.gguf", n_layer=2, n_expert=8, k=4)
+    info = read_info(src)
+    plan = dataclasses.replace(plan_for_counts(info, [2, 3]), thresholds=(0.1, 0.1))
+    stamped = stamp(src, tmp_path / "s.gguf", [plan], k_max=4, decode_control=False, decode_window=16)
+    assert (stamped.meta.decode_control, stamped.meta.decode_window) == (False, 16) and not stamped.meta.malformed
+    default = stamp(src, tmp_path / "d.gguf", [plan], k_max=4)
+    assert (default.meta.decode_control, default.meta.decode_window) == (True, 64)
+    assert "allocmoe.decode_control" not in default.allocmoe
+    kv = LoadChoice(decode_control=True, decode_window=32).kv_overrides(info)
+    assert kv == {"allocmoe.decode_control": True, "allocmoe.decode_window": 32}
+    with pytest.raises(AllocMoeError, match="decode window 0"):
+        LoadChoice(decode_window=0).kv_overrides(info)
+    with pytest.raises(AllocMoeError, match="decode window 70000"):
+        stamp(src, tmp_path / "x.gguf", [plan], k_max=4, decode_window=70000)
+
+
+@pytest.mark.slow
+@pytest.mark.runtime
+def test_controller_holds_the_budget_off_its_calibration_text(patched_runtime, tmp_path):
+    """The bundled tiny-moe with thresholds calibrated on held-out prose, decoding random token ids one at a time
+    (routing unlike the calibration's): the calibrated thresholds alone drift off the budget; with the controller
+    (the default) the mean is back within 3 % of it, every 64-token window after the first within 10 %; and the
+    patched loader refuses a window of 0."""
+    from transformers import AutoTokenizer
+
+    from allocmoe_edge import assets
+    from allocmoe_edge.convert import convert_hf
+    from allocmoe_edge.gguf_meta import plan_for_counts, read_info, stamp
+    from allocmoe_edge.graph_probe import DecodeCounter
+    from allocmoe_edge.runtime import LoadChoice, load
+
+    hf_dir = assets.model_dir("tiny-moe")
+    plain = convert_hf(hf_dir, tmp_path / "tiny-f16.gguf", "f16", log=lambda m: None)
+    info = read_info(plain)
+    counts, k_max = [2] * len(info.moe_layers), info.expert_used_count
+    prose = AutoTokenizer.from_pretrained(hf_dir)(assets.heldout_text().read_text()[:20000])["input_ids"][:1024]
+    layers, taus = _calibrated(hf_dir, prose, counts, k_max)
+    per_block = [0.0] * info.block_count
+    for b, tau in zip(layers, taus):
+        per_block[b] = tau
+    plan = dataclasses.replace(plan_for_counts(info, counts), thresholds=tuple(per_block))
+    stamped = stamp(plain, tmp_path / "tiny.gguf", [plan], k_min=1, k_max=k_max)
+    tokens = np.random.default_rng(5).integers(3, 8000, 320).tolist()  # tiny-moe has 8000 tokens
+    spent, counters = {}, {}
+    for control in (False, True):
+        llm = load(stamped.path, LoadChoice(decode_control=control), info=stamped, n_ctx=512)
+        counters[control] = counter = DecodeCounter(llm, len(tokens) + 8)
+        for t in tokens:
+            counter.step(t)
+        counter.close()
+        llm.close()
+        spent[control] = sum(counter.per_token().values())
+    budget = sum(counts)
+    assert abs(spent[False] - budget) > 0.05 * budget, spent  # the text really is off the calibration
+    assert abs(spent[True] - budget) < 0.03 * budget, spent
+    per_token = np.array(counters[True].sequences[0], dtype=float)
+    windows = np.convolve(per_token, np.ones(64), "valid") / 64
+    assert np.abs(windows[64:] - budget).max() < 0.1 * budget, (windows.min(), windows.max())
+
+    import llama_cpp  # past LoadChoice's own check: the patched loader refuses the window too
+
+    with pytest.raises(ValueError):
+        llama_cpp.Llama(model_path=str(stamped.path), kv_overrides={"allocmoe.decode_window": 0}, verbose=False)

@@ -167,24 +167,29 @@ def test_readme_commands_run(llama_tools, bundled_budget_gguf, tmp_path):
 
 
 def test_bench_agrees_with_llama_bench(llama_tools, bundled_budget_gguf):
-    """The configurations of `bench --budgets 0.5` measured by `allocmoe bench` (7 interleaved rounds) and by
-    llama-bench (7 rounds, each one run over every configuration through -okv), one thread (the steadiest
-    numbers on a small machine): every speedup over full budget agrees within twice the two runs' sds
-    combined, and llama-bench reads no tie (the plans run fewer experts: a llama-bench that ignored -okv would
-    read 1.00x)."""
+    """The configurations of `bench --budgets 0.5`, measured in one interleaved run: 7 rounds, each one
+    repetition of every configuration by `allocmoe bench` and one by llama-bench (one run over all of them
+    through -okv), on one thread (the steadiest numbers on a small machine), so drift hits both tools alike.
+    Every speedup over full budget agrees within twice the two tools' sds combined, and llama-bench reads no
+    tie (the plans run fewer experts: a llama-bench that ignored -okv would read 1.00x)."""
     from allocmoe_edge.bench import BenchOptions, bench, configurations
     from allocmoe_edge.benchstats import speedup, summary
     from allocmoe_edge.gguf_meta import read_info
 
-    opts = BenchOptions(budgets=(0.5,), reps=7, prompts=(512,), n_gen=128, threads=1)
-    ours = bench(bundled_budget_gguf, opts, log=lambda m: None)
+    opts = BenchOptions(budgets=(0.5,), reps=1, prompts=(512,), n_gen=128, threads=1)
     info = read_info(bundled_budget_gguf)
     configs = configurations(info, opts.budgets)
-    assert [r["name"] for r in ours["rows"]] == [c.name for c in configs] and len(configs) == 4
     groups = [";".join(f"{k}={typed_value(v)}" for k, v in c.choice().kv_overrides(info).items()) or "none"
               for c in configs]
-    samples: dict[str, dict[str, list[float]]] = {g: {t: [] for t in opts.test_names()} for g in groups}
-    for _ in range(opts.reps):
+    tests = opts.test_names()
+    ours: dict[str, dict[str, list[float]]] = {g: {t: [] for t in tests} for g in groups}
+    theirs: dict[str, dict[str, list[float]]] = {g: {t: [] for t in tests} for g in groups}
+    for _ in range(7):
+        rows = bench(bundled_budget_gguf, opts, log=lambda m: None)["rows"]
+        assert [r["name"] for r in rows] == [c.name for c in configs] and len(configs) == 4
+        for row, group in zip(rows, groups):
+            for t in tests:
+                ours[group][t] += row["tests"][t]["samples"]
         # -fa 0: bench's contexts run without flash attention (llama-bench's default, auto, turns it on)
         run = subprocess.run([str(llama_tools / "llama-bench"), "-m", str(bundled_budget_gguf), "-r", "1", "-t", "1",
                               "-p", "512", "-n", "128", "-fa", "0", "-o", "json", "-okv", ",".join(groups)],
@@ -192,14 +197,14 @@ def test_bench_agrees_with_llama_bench(llama_tools, bundled_budget_gguf):
         assert run.returncode == 0, run.stderr[-3000:]
         for test in json.loads(run.stdout):
             name = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']}"
-            samples[test["kv_overrides"]][name].append(test["avg_ts"])
+            theirs[test["kv_overrides"]][name].append(test["avg_ts"])
     lines = []
-    for row, group in zip(ours["rows"][1:], groups[1:]):
-        for name in opts.test_names():
-            theirs = speedup(summary(samples[group][name]), summary(samples[groups[0]][name]))
-            mine = row["tests"][name]["speedup"]
-            lines.append(f"{row['name']:>16} {name}: bench {mine['ratio']:.3f} ± {mine['sd']:.3f}, "
-                         f"llama-bench {theirs['ratio']:.3f} ± {theirs['sd']:.3f}")
-            assert abs(mine["ratio"] - theirs["ratio"]) <= 2 * math.hypot(mine["sd"], theirs["sd"]), "\n".join(lines)
-            assert not theirs["tie"], "\n".join(lines)
+    for config, group in zip(configs[1:], groups[1:]):
+        for t in tests:
+            mine = speedup(summary(ours[group][t]), summary(ours[groups[0]][t]))
+            other = speedup(summary(theirs[group][t]), summary(theirs[groups[0]][t]))
+            lines.append(f"{config.name:>16} {t}: bench {mine['ratio']:.3f} ± {mine['sd']:.3f}, "
+                         f"llama-bench {other['ratio']:.3f} ± {other['sd']:.3f}")
+            assert abs(mine["ratio"] - other["ratio"]) <= 2 * math.hypot(mine["sd"], other["sd"]), "\n".join(lines)
+            assert not other["tie"], "\n".join(lines)
     print("\n".join(lines))

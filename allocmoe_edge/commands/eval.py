@@ -39,9 +39,11 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
               help="Layers to offload to the GPU (llama backend; -1 = all).")
 @click.option("--decode", is_flag=True,
               help="The decode protocol: every chunk is decoded one token per ubatch, as generation runs, so "
-                   "Alloc-T rows run the decode rule (per-token thresholds) instead of the batch rule, and each "
-                   "row reports the experts per token measured while decoding. Torch backend: Alloc-T rows use "
-                   "the plans' decode thresholds.")
+                   "Alloc-T rows run the decode rule (per-token thresholds, moved by its budget controller) "
+                   "instead of the batch rule, each followed by a \"fixed\" twin (the calibrated thresholds "
+                   "alone), and each row reports the experts per token measured while decoding, with the least "
+                   "and the most over any 64-token window. Torch backend: Alloc-T rows use the plans' decode "
+                   "thresholds alone (no controller).")
 @cpu_moe_options
 def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: list[float] | None,
             json_out: str | None, backend: str, plan_files: tuple[str, ...], threads: int | None,

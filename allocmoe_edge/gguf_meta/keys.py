@@ -18,6 +18,11 @@ threshold per block (ignored where a block's count is k_min or k_max, or it has 
 ``allocmoe.token_mode`` (string): "batch" (the batch rule for ubatches of T > 1 tokens, top-k_l
 at T = 1), "decode" (the decode rule for every ubatch) or "both" (the decode rule at T = 1, the
 batch rule above). Files without thresholds stay version 1.
+
+The decode rule's budget controller (patch series 6) reads two optional keys, also scalar
+kv_overrides: ``allocmoe.decode_control`` bool (on by default wherever the decode rule runs) and
+``allocmoe.decode_window`` u32 (tokens, 64 by default, 1 to 65536): the window over which it holds
+each layer's mean count at the plan's. Older runtimes ignore them (and run uncontrolled thresholds).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class Keys:
     TOKEN_K_MAX = "allocmoe.token_k_max"
     TOKEN_MODE = "allocmoe.token_mode"
     TOKEN_THRESHOLDS = "allocmoe.token_thresholds"
+    DECODE_CONTROL = "allocmoe.decode_control"
+    DECODE_WINDOW = "allocmoe.decode_window"
     PLAN_COUNT = "allocmoe.plan_count"
     PLAN_DEFAULT = "allocmoe.plan_default"
     PLAN_INDEX = "allocmoe.plan_index"  # only as a kv_override: the stored plan to run

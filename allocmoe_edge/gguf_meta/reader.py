@@ -34,7 +34,7 @@ class StoredPlan:
 _SCALAR_TYPES: dict[str, type] = {"version": int, "enabled": bool, "budget": float, "budget_count": int,
                                   "token_k_min": int, "token_k_max": int, "token_mode": str, "plan_count": int,
                                   "plan_default": int, "tool": str, "source": str, "calibration": str,
-                                  "outtype": str, "synthetic": bool}
+                                  "outtype": str, "synthetic": bool, "decode_control": bool, "decode_window": int}
 _ARRAY_TYPES: dict[str, type] = {"layer_expert_counts": int, "token_thresholds": float}
 
 
@@ -65,6 +65,8 @@ class AllocmoeMeta:
     token_k_max: int = 0  # 0: Alloc-T off
     token_mode: str = "batch"
     token_thresholds: tuple[float, ...] | None = None
+    decode_control: bool = True  # the decode rule's budget controller
+    decode_window: int = 64  # its window, in tokens
     plan_count: int = 0
     plan_default: int = 0
     tool: str | None = None

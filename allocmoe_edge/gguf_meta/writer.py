@@ -110,9 +110,11 @@ def token_mode_for(plans: list[StoredPlan], token_mode: str | None) -> str:
 
 def plan_fields(info: GgufModelInfo, plans: list[StoredPlan], default: int = 0, k_min: int = 1, k_max: int = 0,
                 provenance: dict[str, str] | None = None, enabled: bool = True,
-                token_mode: str | None = None) -> dict[str, tuple[Any, Any, Any]]:
+                token_mode: str | None = None, decode_control: bool | None = None,
+                decode_window: int | None = None) -> dict[str, tuple[Any, Any, Any]]:
     """The allocmoe.* key/values for ``plans`` (validated against ``info``); ``token_mode`` as in
-    `token_mode_for`."""
+    `token_mode_for`; ``decode_control`` / ``decode_window`` set the decode rule's budget controller (absent:
+    on, 64 tokens)."""
     import gguf
 
     T = gguf.GGUFValueType
@@ -137,6 +139,12 @@ def plan_fields(info: GgufModelInfo, plans: list[StoredPlan], default: int = 0, 
         Keys.PLAN_DEFAULT: (int(default), T.UINT32, None),
         Keys.TOOL: (f"allocmoe-edge {__version__}", T.STRING, None),
     }
+    if decode_window is not None and not 1 <= decode_window <= 65536:
+        raise AllocMoeError(f"decode window {decode_window} is outside [1, 65536] tokens")
+    if decode_control is not None:
+        fields[Keys.DECODE_CONTROL] = (bool(decode_control), T.BOOL, None)
+    if decode_window is not None:
+        fields[Keys.DECODE_WINDOW] = (int(decode_window), T.UINT32, None)
     if thresholds:
         fields[Keys.TOKEN_MODE] = (mode, T.STRING, None)
         if d.thresholds is not None:
@@ -156,10 +164,11 @@ def plan_fields(info: GgufModelInfo, plans: list[StoredPlan], default: int = 0, 
 
 def stamp(src: str | os.PathLike[str], dst: str | os.PathLike[str], plans: list[StoredPlan], default: int = 0,
           k_min: int = 1, k_max: int = 0, provenance: dict[str, str] | None = None,
-          progress: Callable[[int, int], None] | None = None, token_mode: str | None = None) -> GgufModelInfo:
+          progress: Callable[[int, int], None] | None = None, token_mode: str | None = None,
+          decode_control: bool | None = None, decode_window: int | None = None) -> GgufModelInfo:
     """Write a copy of ``src`` carrying ``plans`` (any earlier allocmoe keys are replaced)."""
     info = read_info(src)
     fields = plan_fields(info, plans, default, k_min, k_max, {"source": Path(src).name, **(provenance or {})},
-                         token_mode=token_mode)
+                         token_mode=token_mode, decode_control=decode_control, decode_window=decode_window)
     copy_with_metadata(src, dst, fields, drop=lambda k: k.startswith(Keys.PREFIX), progress=progress)
     return read_info(dst)
