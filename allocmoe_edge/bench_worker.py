@@ -114,7 +114,7 @@ class Session:
         counter = DecodeCounter(self.llm, n)
         try:
             for token in self.tokens[:n]:
-                counter.step(token)  # with logits, as generation: every layer routes every token
+                counter.step(token)
         finally:
             counter.close()
         per_layer = counter.per_token()

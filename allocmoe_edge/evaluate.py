@@ -208,9 +208,8 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                 if counter:
                     measured = counter.per_token()
                     counts = [measured.get(layer, 0.0) for layer in info.moe_layers]
-                    low_high = counter.windows(WINDOW)
-                    extra = {"window": WINDOW, "window_min": low_high and low_high[0],
-                             "window_max": low_high and low_high[1]}
+                    low, high = counter.windows(WINDOW)
+                    extra = {"window": WINDOW, "window_min": low, "window_max": high}
                 else:
                     counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
             finally:

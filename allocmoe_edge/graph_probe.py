@@ -163,14 +163,14 @@ def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512
 class DecodeCounter:
     """Decode one token per ubatch, as generation does, in a context of its own on a loaded model,
     counting the experts each MoE layer runs per token (non-negative ids: under Alloc-T's decode
-    rule a token's count varies). Positions continue until `reset`, which starts a new sequence: each keeps
-    the experts every token ran over all MoE layers (``sequences``)."""
+    rule a token's count varies). Every token asks for its logits, as generation does, so every layer routes
+    every token. Positions continue until `reset`, which starts a new sequence: each keeps the experts every
+    token ran over all MoE layers (``sequences``)."""
 
     def __init__(self, llm: Any, n_ctx: int) -> None:
         self._ggml = _ggml_base()
         self.tokens = 0
         self.activations: dict[int, int] = {}
-        self.routed: dict[int, int] = {}  # tokens each layer routed (the last layer skips tokens without logits)
         self.sequences: list[list[int]] = [[]]  # per sequence, each token's activations summed over the MoE layers
         self._step = 0
         self._probe = ProbeContext(llm, n_ctx, self._callback, n_ubatch=1)
@@ -184,19 +184,17 @@ class DecodeCounter:
         ids = _read_2d(self._ggml, t, _TensorHead.from_address(t))
         kept = int((ids >= 0).sum())
         self.activations[layer] = self.activations.get(layer, 0) + kept
-        self.routed[layer] = self.routed.get(layer, 0) + len(ids)
         self._step += kept
         return True
 
-    def step(self, token: int, logits: bool = True) -> np.ndarray | None:
-        """Decode ``token`` at the next position; its logits [n_vocab] when ``logits`` (as generation
-        does; without, llama.cpp's last layer skips the token)."""
+    def step(self, token: int) -> np.ndarray:
+        """Decode ``token`` at the next position; its logits [n_vocab]."""
         self._step = 0
-        self._probe.decode([token], self._pos, outputs=logits)
+        self._probe.decode([token], self._pos)
         self.sequences[-1].append(self._step)
         self._pos += 1
         self.tokens += 1
-        return self._probe.logits(1)[0] if logits else None
+        return self._probe.logits(1)[0]
 
     def reset(self) -> None:
         """Empty the KV cache: the next token is at position 0, a new sequence (the counts are kept)."""
@@ -205,17 +203,16 @@ class DecodeCounter:
         if self.sequences[-1]:
             self.sequences.append([])
 
-    def windows(self, width: int) -> tuple[float, float] | None:
+    def windows(self, width: int) -> tuple[float | None, float | None]:
         """The smallest and largest mean activations per token over any ``width`` consecutive tokens of one
-        sequence (None when no sequence is that long)."""
+        sequence (None, None when no sequence is that long)."""
         means = [m for seq in self.sequences if len(seq) >= width
                  for m in (np.convolve(seq, np.ones(width), "valid") / width)]
-        return (float(min(means)), float(max(means))) if means else None
+        return (float(min(means)), float(max(means))) if means else (None, None)
 
     def per_token(self) -> dict[int, float]:
-        """Mean experts per token in each MoE layer, over the tokens it routed (llama.cpp's last layer
-        routes only the tokens whose logits are asked for; generation asks for every token's)."""
-        return {layer: n / self.routed[layer] for layer, n in sorted(self.activations.items()) if self.routed[layer]}
+        """Mean experts per token in each MoE layer."""
+        return {layer: n / self.tokens for layer, n in sorted(self.activations.items())}
 
     def close(self) -> None:
         self._probe.close()
@@ -264,10 +261,10 @@ class ProbeContext:
             raise RuntimeError("llama_init_from_model failed")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
 
-    def decode(self, tokens: Sequence[int], pos: int, outputs: bool = True) -> None:
-        """Decode ``tokens`` at positions ``pos..`` (one llama_decode). With ``outputs`` every position
-        is an output (its logits are computed; llama.cpp's last layer skips the other tokens)."""
-        decode_batch(self.ctx, tokens, pos, [outputs] * len(tokens))
+    def decode(self, tokens: Sequence[int], pos: int) -> None:
+        """Decode ``tokens`` at positions ``pos..`` (one llama_decode), every position an output (its logits
+        computed, so llama.cpp's last layer routes every token)."""
+        decode_batch(self.ctx, tokens, pos, [True] * len(tokens))
 
     def logits(self, n: int) -> np.ndarray:
         """A copy of the logits of the last decode's ``n`` outputs [n, n_vocab]."""
