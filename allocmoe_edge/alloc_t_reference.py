@@ -11,6 +11,9 @@ rule applied to one token at a time: keep the top-``k_min`` and every further ca
 score exceeds the layer's threshold. Its budget controller (`select_above_controlled`, patch 0010)
 moves the threshold after every token of a sequence by integral action on the count it kept, so the
 running mean holds at k on any text (the law and why: ``llama_allocmoe_ctrl`` in llama-graph.h).
+
+The field's per-token rules that patch 0011 runs instead of Alloc-T (`peers`), SER and top-p, cut each
+token's top-k candidates: `select_peer`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ def select_above_controlled(ranked: torch.Tensor, tau: float, k: int, k_min: int
         e = (f32(n) - f32(k)) / f32(k)
         if not ((e < 0 and n >= k_max) or (e > 0 and n <= k_min)):
             u = min(max(u + gain * e, lo), hi)
+    return keep
+
+
+def select_peer(rule: str, ranked: torch.Tensor, totals: torch.Tensor, value: float, k_min: int) -> torch.Tensor:
+    """SER (``rule`` "ser") or top-p ("top_p") on ``ranked`` [T, k] (routing weights, best first; ``totals`` [T]
+    the sum of each token's weights over all experts): a bool mask keeping each token's first ``k_min`` slots
+    and the slots with a positive margin, ``w_j - t w_1`` (SER) or ``p totals - sum_{i<j} w_i`` (top-p), in
+    float32 as llama.cpp computes them."""
+    ranked = ranked.float()
+    if rule == "ser":
+        margin = ranked - ranked[:, :1] * torch.tensor(value, dtype=torch.float32)
+    elif rule == "top_p":
+        before = ranked.cumsum(dim=1) - ranked
+        margin = totals.float()[:, None] * torch.tensor(value, dtype=torch.float32) - before
+    else:
+        raise AllocMoeError(f"token rule {rule!r} is not one of ser, top_p")
+    keep = margin > 0
+    keep[:, :k_min] = True
     return keep
 
 

@@ -30,11 +30,13 @@ from . import __version__
 from .errors import AllocMoeError
 from .fsutil import read_text
 from .gguf_meta import GgufModelInfo, read_info
+from .peers import LABELS, PEER_K_MIN, TOKEN_RULES, calibrate
 from .plan import BUDGET_TOLERANCE, check_fraction
 from .quality import Scores, chunk_tokens, log_probs, scored, scored_count
 from .runtime import LoadChoice
 
 WINDOW = 64  # tokens: decode rows report the least and the most activations per token over any such window
+PEER_CALIBRATION_TOKENS = 8192  # SER and top-p calibrate on as many tokens as the profile does (`profile`)
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
 
@@ -53,9 +55,14 @@ class EvalConfig:
     plan: int | None = None  # index of a stored plan
     k: int | None = None  # uniform top-k
     decode_control: bool | None = None  # the decode rule's budget controller (None: the file's, on by default)
+    token_rule: str | None = None  # a per-token rule of the field at full budget: "ser" or "top_p" (`peers`)
+    token_rule_value: float | None = None  # its value, calibrated to a budget
 
     def choice(self) -> LoadChoice:
         """How llama.cpp runs this configuration (Alloc-T off is token_k_max = 0)."""
+        if self.token_rule is not None:
+            return LoadChoice(full_budget=True, token_rule=self.token_rule, token_rule_value=self.token_rule_value,
+                              token_rule_k_min=PEER_K_MIN)
         if self.plan is not None:
             return LoadChoice(plan_index=self.plan, token_k_max=None if self.alloc_t else 0,
                               decode_control=self.decode_control)
@@ -88,9 +95,41 @@ def configurations(plans: Sequence[tuple[str, float]], k_orig: int, alloc_t: boo
         if alloc_t:
             configs.append(EvalConfig(f"{base}+t (plan {i})", f"{base}+t", True, plan=i))
         configs.append(EvalConfig(f"{base} (plan {i})", base, False, plan=i))
-    uniform_budgets = budgets or [budget for _, _, budget in chosen] or DEFAULT_BUDGETS
-    ks = sorted({uniform_k(k_orig, b) for b in uniform_budgets} - {k_orig})
+    ks = sorted({uniform_k(k_orig, b) for b in row_budgets(plans, budgets)} - {k_orig})
     return configs + [EvalConfig(f"uniform k={k}", "uniform", k=k) for k in ks]
+
+
+def row_budgets(plans: Sequence[tuple[str, float]], budgets: Sequence[float] | None) -> list[float]:
+    """The budgets of the rows beside the plans (uniform top-k, SER, top-p): ``budgets``, else the plans', else
+    DEFAULT_BUDGETS."""
+    return list(budgets or sorted({budget for _, budget in plans}) or DEFAULT_BUDGETS)
+
+
+def peer_configurations(model: str | os.PathLike[str], info: GgufModelInfo, calibration_file: str | os.PathLike[str],
+                        budgets: Sequence[float], ctx: int, n_threads: int | None = None,
+                        **load_kwargs: Any) -> tuple[list[EvalConfig], dict[str, Any]]:
+    """SER and top-p rows, one per budget, each value calibrated (`peers.calibrate`) so that the mean activations
+    per token on the first PEER_CALIBRATION_TOKENS tokens of ``calibration_file`` equal the budget's, from the
+    full-budget routing llama.cpp computes there (in ubatches of ``ctx`` tokens, each from position 0, as the
+    profile's chunks). Also what the calibration read, for the JSON."""
+    from .graph_probe import routing_weights
+    from .runtime import load
+
+    text, meta = read_text(calibration_file)
+    llm = load(model, LoadChoice(full_budget=True), info=info, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+               n_threads=n_threads, n_threads_batch=n_threads, **load_kwargs)
+    try:
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:PEER_CALIBRATION_TOKENS]
+        layers = routing_weights(llm, tokens, info.expert_used_count, ubatch=ctx)
+    finally:
+        llm.close()
+    configs = []
+    for budget in budgets:
+        for rule in TOKEN_RULES:
+            value = calibrate(rule, layers, check_fraction(budget) * info.full_budget, PEER_K_MIN)
+            name, symbol = LABELS[rule]
+            configs.append(EvalConfig(f"{name} {symbol}={value:.4g}", rule, token_rule=rule, token_rule_value=value))
+    return configs, {**meta, "n_tokens": len(tokens), "k_min": PEER_K_MIN}
 
 
 def gguf_configurations(info: GgufModelInfo, budgets: Sequence[float] | None = None) -> list[EvalConfig]:
@@ -148,16 +187,32 @@ def _chunk_log_probs_decoded(counter: Any, chunk: np.ndarray) -> np.ndarray:
     return log_probs(np.stack(logits[rows]))
 
 
+def _routed_per_token(llm: Any, windows: Sequence[np.ndarray], layers: Sequence[int]) -> list[float]:
+    """Mean experts per token that each MoE layer runs over ``windows``, each decoded as one ubatch (a per-token
+    rule's count varies with the token, so the plan's count does not say it)."""
+    from .graph_probe import moe_activations
+
+    active = dict.fromkeys(layers, 0)
+    for window in windows:
+        acts, _ = moe_activations(llm, window.tolist())
+        for layer in layers:
+            active[layer] += acts[layer]["active"]
+    n_tokens = sum(len(w) for w in windows)
+    return [active[layer] / n_tokens for layer in layers]
+
+
 def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[str], ctx: int = 256,
                    chunks: int | None = None, budgets: Sequence[float] | None = None,
                    n_threads: int | None = None, n_gpu_layers: int = 0, cpu_moe: bool = False,
-                   n_cpu_moe: int = 0, decode: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+                   n_cpu_moe: int = 0, decode: bool = False, peers: str | os.PathLike[str] | None = None,
+                   progress: Progress | None = None) -> dict[str, Any]:
     """Measure every configuration of ``model`` (see configurations) on ``text_file``; a JSON-able result.
 
     ``cpu_moe`` / ``n_cpu_moe`` keep routed experts in system memory (`runtime.load`). With
     ``decode`` every chunk is decoded one token per ubatch, as generation runs (Alloc-T's decode
     rule, where the file has it, instead of its batch rule), and each row reports the experts per
-    token measured while decoding (the decode rule varies them per token) instead of the plan's."""
+    token measured while decoding (the decode rule varies them per token) instead of the plan's. ``peers``, a
+    calibration text, adds SER and top-p rows at the uniform rows' budgets (`peer_configurations`)."""
     from .graph_probe import DecodeCounter
     from .runtime import doctor, layer_counts, load
     from .synth import is_synthetic
@@ -176,6 +231,12 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
         configs = [c for c in configs if not c.alloc_t]
     elif decode:
         configs = with_fixed_thresholds(configs)
+    peer_calibration = None
+    if peers is not None:
+        peer_configs, peer_calibration = peer_configurations(
+            model, info, peers, row_budgets([(p.method, p.budget) for p in info.plans], budgets), ctx, n_threads,
+            n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
+        configs += peer_configs
     text, text_meta = read_text(text_file)
     rows = scored(ctx)
     n_ubatch = 1 if decode else ctx
@@ -210,6 +271,8 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
                     counts = [measured.get(layer, 0.0) for layer in info.moe_layers]
                     low, high = counter.windows(WINDOW)
                     extra = {"window": WINDOW, "window_min": low, "window_max": high}
+                elif config.token_rule is not None:
+                    counts = _routed_per_token(llm, windows, info.moe_layers)
                 else:
                     counts = [layer_counts(llm)[layer] for layer in info.moe_layers]
             finally:
@@ -224,7 +287,7 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
         "text": {**text_meta, "n_tokens": len(tokens)},
         "ctx": ctx, "chunks": len(windows), "scored_per_chunk": scored_count(ctx),
         "results": results,
-        "decode": decode, "token_mode": token_mode,
+        "decode": decode, "token_mode": token_mode, "peer_calibration": peer_calibration,
         "runtime": {**doctor(), "n_batch": n_ubatch, "n_ubatch": n_ubatch, "n_threads": n_threads,
                     "n_gpu_layers": n_gpu_layers, "cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe},
         "tool": f"allocmoe-edge {__version__}",
@@ -234,5 +297,6 @@ def evaluate_llama(model: str | os.PathLike[str], text_file: str | os.PathLike[s
 def result_row(config: EvalConfig, activations: float, counts: list[int], full_budget: int,
          quality: dict[str, Any]) -> dict[str, Any]:
     """One JSON result row: the configuration, its measured activations and its quality."""
+    rule = {"token_rule": config.token_rule, "token_rule_value": config.token_rule_value} if config.token_rule else {}
     return {"name": config.name, "method": config.method, "budget": activations / full_budget,
-            "alloc_t": config.alloc_t, "activations_per_token": activations, **quality, "counts": counts}
+            "alloc_t": config.alloc_t, "activations_per_token": activations, **quality, "counts": counts, **rule}

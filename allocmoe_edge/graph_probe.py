@@ -131,15 +131,13 @@ def kernel_nodes(llm: Any, tokens: Sequence[int]) -> dict[str, int]:
 _PROBS = re.compile(r"^ffn_moe_probs(_biased)?-(\d+)$")
 
 
-def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512) -> list[Any]:
-    """Routing statistics (`thresholds.LayerRouting` per MoE layer) of ``llm`` over ``tokens``: every
-    token's ``ranks`` largest selection scores as llama.cpp computes them (with the router's
-    selection bias where it has one), decoded in ubatches of up to ``ubatch`` tokens. Calibrates
-    the decode rule for a GGUF without a torch profile (a synthetic file, say)."""
-    from .thresholds import rank_quantiles
-
+def _ranked_probs(llm: Any, tokens: Sequence[int], ranks: int,
+                  ubatch: int) -> dict[int, dict[bool, list[tuple[np.ndarray, np.ndarray]]]]:
+    """Per MoE layer and kind (True: with the router's selection bias), one ``(top, total)`` per ubatch: every
+    token's ``ranks`` largest gate values best first and the sum of all of them, decoded in ubatches of up to
+    ``ubatch`` tokens, each from position 0."""
     ggml = _ggml_base()
-    scores: dict[int, dict[bool, list[np.ndarray]]] = {}
+    seen: dict[int, dict[bool, list[tuple[np.ndarray, np.ndarray]]]] = {}
 
     def callback(t: int, ask: bool, _: Any) -> bool:
         m = _PROBS.match((ggml.ggml_get_name(t) or b"").decode())
@@ -148,16 +146,35 @@ def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512
         head = _TensorHead.from_address(t)
         probs = np.empty(ggml.ggml_nbytes(t) // 4, dtype=np.float32)
         ggml.ggml_backend_tensor_get(t, probs.ctypes.data, 0, probs.nbytes)
-        top = -np.sort(-probs.reshape(-1, int(head.ne[0])), axis=1)[:, :ranks]
-        scores.setdefault(int(m.group(2)), {}).setdefault(m.group(1) is not None, []).append(top)
+        probs = probs.reshape(-1, int(head.ne[0]))
+        top = -np.sort(-probs, axis=1)[:, :ranks]
+        seen.setdefault(int(m.group(2)), {}).setdefault(m.group(1) is not None, []).append((top, probs.sum(axis=1)))
         return True
 
     with ProbeContext(llm, min(ubatch, len(tokens)), callback) as probe:
         for start in range(0, len(tokens), ubatch):
             probe.clear()
             probe.decode(tokens[start:start + ubatch], 0)  # every token an output: the last layer routes all
-    return [rank_quantiles(layer, np.concatenate(by_kind.get(True) or by_kind[False]))
-            for layer, by_kind in sorted(scores.items())]
+    return seen
+
+
+def routing_stats(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512) -> list[Any]:
+    """Routing statistics (`thresholds.LayerRouting` per MoE layer) of ``llm`` over ``tokens``: every
+    token's ``ranks`` largest selection scores as llama.cpp computes them (with the router's
+    selection bias where it has one), decoded in ubatches of up to ``ubatch`` tokens. Calibrates
+    the decode rule for a GGUF without a torch profile (a synthetic file, say)."""
+    from .thresholds import rank_quantiles
+
+    return [rank_quantiles(layer, np.concatenate([top for top, _ in by_kind.get(True) or by_kind[False]]))
+            for layer, by_kind in sorted(_ranked_probs(llm, tokens, ranks, ubatch).items())]
+
+
+def routing_weights(llm: Any, tokens: Sequence[int], ranks: int, ubatch: int = 512) -> dict[int, Any]:
+    """Per MoE layer, ``(ranked, totals)`` over ``tokens`` (`peers.RankedWeights`): every token's ``ranks``
+    largest routing weights best first (the gate's values, without a selection bias) and the sum of all of
+    them, as llama.cpp computes them, in ubatches of up to ``ubatch`` tokens. Calibrates SER and top-p."""
+    return {layer: (np.concatenate([top for top, _ in by_kind[False]]), np.concatenate([s for _, s in by_kind[False]]))
+            for layer, by_kind in sorted(_ranked_probs(llm, tokens, ranks, ubatch).items())}
 
 
 class DecodeCounter:

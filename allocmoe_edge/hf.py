@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .alloc_t_reference import check_bounds, select_above, select_above_controlled, select_ranked
+from .alloc_t_reference import check_bounds, select_above, select_above_controlled, select_peer, select_ranked
 from .errors import AllocMoeError
 from .plan import PlanModelShape
 
@@ -272,19 +272,25 @@ def layer_topk(model: nn.Module, counts: Sequence[int] | Mapping[int, int]) -> I
             yield counter
 
 
+def _gate_values(info: HfMoeShape, logits: torch.Tensor) -> torch.Tensor:
+    """The gate's values over all experts (the routing weights before the top-k), without a selection bias."""
+    return logits.float().sigmoid() if info.routing.score == "sigmoid" else logits.float().softmax(dim=-1)
+
+
 def _selection_scores(info: HfMoeShape, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """The scores the router ranks experts by (biased for sigmoid-with-bias routers)."""
-    if info.routing.score == "sigmoid":
-        scores = logits.float().sigmoid()
-        bias = getattr(router, "e_score_correction_bias", None)
-        return scores if bias is None else scores + bias.float()
-    return logits.float().softmax(dim=-1)
+    scores = _gate_values(info, logits)
+    bias = getattr(router, "e_score_correction_bias", None) if info.routing.score == "sigmoid" else None
+    return scores if bias is None else scores + bias.float()
 
 
-def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None, window: int | None = None):
-    """A router forward hook that keeps the Alloc-T selection of the router's top-k_max candidates:
-    the batch rule over all tokens of the forward pass, or the decode rule with threshold ``tau``
-    (moved by its budget controller over ``window`` tokens, the pass's tokens in order, when given)."""
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cutting_hook(info: HfMoeShape, select: Selector):
+    """A router forward hook that keeps only some of the router's candidates: ``select(logits, index, scores)``
+    (index and selection scores [T, candidates], best first) says which; the others are dropped (sentinel index
+    n_expert, zero weight) and the kept weights renormalised where the model renormalises."""
     routing = info.routing
 
     def hook(router: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,20 +298,63 @@ def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None
         scores = _selection_scores(info, router, logits).gather(1, index)
         order = scores.argsort(dim=1, descending=True)
         scores, weights, index = scores.gather(1, order), weights.gather(1, order), index.gather(1, order)
-        if tau is None:
-            keep = select_ranked(scores, k, k_min)
-        elif window is None:
-            keep = select_above(scores, tau, k_min)
-        else:
-            keep = select_above_controlled(scores, tau, k, k_min, scores.shape[1], window)
+        keep = select(logits, index, scores)
         kept = weights * keep
         if routing.renormalise:
-            # weights are scaling x w / sum(w) over k_max candidates; renormalise over the kept ones
+            # weights are scaling x w / sum(w) over the candidates; renormalise over the kept ones
             kept = kept * (routing.scaling / kept.sum(dim=-1, keepdim=True))
         index = torch.where(keep, index, torch.full_like(index, info.n_expert))
         return logits, kept.to(weights.dtype), index
 
     return hook
+
+
+def _alloc_t_hook(info: HfMoeShape, k: int, k_min: int, tau: float | None = None, window: int | None = None):
+    """A router hook that keeps the Alloc-T selection of the router's top-k_max candidates: the batch rule
+    over all tokens of the forward pass, or the decode rule with threshold ``tau`` (moved by its budget
+    controller over ``window`` tokens, the pass's tokens in order, when given)."""
+
+    def select(logits: torch.Tensor, index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if tau is None:
+            return select_ranked(scores, k, k_min)
+        if window is None:
+            return select_above(scores, tau, k_min)
+        return select_above_controlled(scores, tau, k, k_min, scores.shape[1], window)
+
+    return _cutting_hook(info, select)
+
+
+def _peer_hook(info: HfMoeShape, rule: str, value: float, k_min: int):
+    """A router hook that cuts the router's top-k candidates by SER or top-p (`alloc_t_reference.select_peer`)
+    on the gate's values (without a selection bias, as llama.cpp's weights)."""
+
+    def select(logits: torch.Tensor, index: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        gate = _gate_values(info, logits)
+        return select_peer(rule, gate.gather(1, index), gate.sum(dim=-1), value, k_min)
+
+    return _cutting_hook(info, select)
+
+
+@contextlib.contextmanager
+def _rerouting(info: HfMoeShape, hooks: Mapping[MoeLayer, Callable], top_k: Mapping[nn.Module, int]
+               ) -> Iterator[ActivationCounter]:
+    """Register ``hooks`` on their layers' routers with ``top_k`` candidates per router, counting activations;
+    restore on exit. Dropped candidates carry the sentinel index n_expert, which the fused experts
+    implementations skip only in expert-parallel mode (the eager loop always skips it)."""
+    handles = [layer.router.register_forward_hook(hook) for layer, hook in hooks.items()]
+    sentinel = [layer.experts for layer in hooks if hasattr(layer.experts, "_is_expert_parallel")]
+    saved = [experts._is_expert_parallel for experts in sentinel]
+    try:
+        for experts in sentinel:
+            experts._is_expert_parallel = True
+        with _top_k(top_k):
+            with _counting(info) as counter:
+                yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+        for experts, value in zip(sentinel, saved):
+            experts._is_expert_parallel = value
 
 
 @contextlib.contextmanager
@@ -332,28 +381,24 @@ def alloc_t_routing(
         raise AllocMoeError(f"k_max {k_max} is above the {max_k} experts a token can select in this model")
     for k in per_layer.values():
         check_bounds(k, k_min, k_max, info.n_expert)
-    rerouted = [layer for layer in info.layers if per_layer[layer.index] < k_max]
-    handles = [
-        layer.router.register_forward_hook(
-            _alloc_t_hook(info, per_layer[layer.index], k_min, None if taus is None else taus[layer.index],
-                          decode_window))
-        for layer in rerouted
-    ]
-    # Dropped candidates carry the sentinel index n_expert, which the fused experts
-    # implementations skip only in expert-parallel mode (the eager loop always skips it).
-    sentinel = [layer.experts for layer in rerouted if hasattr(layer.experts, "_is_expert_parallel")]
-    saved = [experts._is_expert_parallel for experts in sentinel]
-    try:
-        for experts in sentinel:
-            experts._is_expert_parallel = True
-        with _top_k({layer.router: k_max for layer in info.layers}):
-            with _counting(info) as counter:
-                yield counter
-    finally:
-        for handle in handles:
-            handle.remove()
-        for experts, value in zip(sentinel, saved):
-            experts._is_expert_parallel = value
+    hooks = {layer: _alloc_t_hook(info, per_layer[layer.index], k_min,
+                                  None if taus is None else taus[layer.index], decode_window)
+             for layer in info.layers if per_layer[layer.index] < k_max}
+    with _rerouting(info, hooks, {layer.router: k_max for layer in info.layers}) as counter:
+        yield counter
+
+
+@contextlib.contextmanager
+def peer_routing(model: nn.Module, rule: str, value: float, k_min: int = 1) -> Iterator[ActivationCounter]:
+    """Context manager: cut each token's top-k experts (the model's own k) in every MoE layer by SER (``rule``
+    "ser", ``value`` t) or top-p ("top_p", ``value`` p), keeping at least ``k_min`` (`peers`, patch 0011); the
+    torch reference of llama.cpp's ``allocmoe.token_rule``. Restores the routing on exit."""
+    from .peers import check_value
+
+    check_value(rule, value)
+    info = moe_shape(model)
+    with _rerouting(info, {layer: _peer_hook(info, rule, value, k_min) for layer in info.layers}, {}) as counter:
+        yield counter
 
 
 @contextlib.contextmanager

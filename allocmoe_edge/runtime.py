@@ -18,10 +18,12 @@ from typing import Any
 
 from .errors import AllocMoeError
 from .gguf_meta import GgufModelInfo, Keys, find_plan, read_info
+from .peers import check_value
 from .placement import cpu_moe_overrides, expert_placement, placement_line
 from .plan import TOKEN_MODES, check_fraction
 
-PATCH_SERIES_VERSION = 6  # llama_allocmoe_version() of the patch series this package builds (patches/0004; 6: 0010)
+# llama_allocmoe_version() of the patch series this package builds (patches/0004; 6: 0010; 7: 0011)
+PATCH_SERIES_VERSION = 7
 
 
 def llama_cpp_module() -> Any:
@@ -116,6 +118,9 @@ class LoadChoice:
     token_mode: str | None = None  # override which Alloc-T rule runs: "batch", "decode" or "both" (gguf_meta)
     decode_control: bool | None = None  # the decode rule's budget controller on / off (default: on)
     decode_window: int | None = None  # its window in tokens (default: 64)
+    token_rule: str | None = None  # a per-token rule of the field instead of Alloc-T: "ser" or "top_p" (peers)
+    token_rule_value: float | None = None  # its value: SER's t, top-p's p
+    token_rule_k_min: int | None = None  # the experts it keeps at least (default: 1)
 
     def kv_overrides(self, info: GgufModelInfo) -> dict[str, bool | int | float | str]:
         """The scalar kv_overrides that make llama.cpp run this choice."""
@@ -145,6 +150,15 @@ class LoadChoice:
             if not 1 <= self.decode_window <= 65536:
                 raise AllocMoeError(f"decode window {self.decode_window} is outside [1, 65536] tokens")
             kv[Keys.DECODE_WINDOW] = int(self.decode_window)
+        if self.token_rule is not None:
+            if self.token_rule_value is None:
+                raise AllocMoeError(f"token rule {self.token_rule!r} needs its value")
+            kv[Keys.TOKEN_RULE] = self.token_rule
+            kv[Keys.TOKEN_RULE_VALUE] = check_value(self.token_rule, self.token_rule_value)
+            if self.token_rule_k_min is not None:
+                if not 1 <= self.token_rule_k_min <= info.expert_count:
+                    raise AllocMoeError(f"token rule k_min {self.token_rule_k_min} is outside [1, {info.expert_count}]")
+                kv[Keys.TOKEN_RULE_K_MIN] = int(self.token_rule_k_min)
         return kv
 
 
@@ -178,6 +192,8 @@ def load(path: str | os.PathLike[str], choice: LoadChoice | None = None, *, budg
     choice = choice or LoadChoice()
     kv = choice.kv_overrides(info)
     llama_cpp = llama_cpp_module()
+    if choice.token_rule is not None:
+        require_patched(f"token rule {choice.token_rule}")
     if rpc_servers:
         from .rpc import add_rpc_servers  # rpc imports this module
 
@@ -300,9 +316,9 @@ def layer_counts(llm: Any) -> list[int]:
 def context_plan(choice: LoadChoice) -> int:
     """The plan argument of llama_allocmoe_set_plan for ``choice`` (a stored plan, full budget or the
     plan chosen at load); uniform top-k and the Alloc-T overrides are chosen at load only."""
-    if choice.uniform_k is not None or choice.token_k_max is not None or choice.token_mode is not None:
-        raise AllocMoeError("uniform top-k, token_k_max and token_mode are chosen when the model is loaded; "
-                            "a context chooses a stored plan or full budget")
+    if any(x is not None for x in (choice.uniform_k, choice.token_k_max, choice.token_mode, choice.token_rule)):
+        raise AllocMoeError("uniform top-k, token_k_max, token_mode and token_rule are chosen when the model is "
+                            "loaded; a context chooses a stored plan or full budget")
     llama_cpp = llama_cpp_module()
     if choice.full_budget:
         return llama_cpp.LLAMA_ALLOCMOE_PLAN_FULL

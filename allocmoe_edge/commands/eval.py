@@ -44,10 +44,16 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
                    "alone), and each row reports the experts per token measured while decoding, with the least "
                    "and the most over any 64-token window. Torch backend: Alloc-T rows use the plans' decode "
                    "thresholds alone (no controller).")
+@click.option("--peers", "peers", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="CALIBRATION_TEXT",
+              help="(llama backend) Also run the field's per-token rules at full budget: SER (keep experts "
+                   "weighing more than t x the top one) and top-p (the best experts until their routing "
+                   "probability reaches p), each value calibrated on the first 8192 tokens of CALIBRATION_TEXT "
+                   "to every budget of the uniform rows. Use the text the profile calibrated on.")
 @cpu_moe_options
 def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: list[float] | None,
             json_out: str | None, backend: str, plan_files: tuple[str, ...], threads: int | None,
-            n_gpu_layers: int, decode: bool, cpu_moe: bool, n_cpu_moe: int) -> None:
+            n_gpu_layers: int, decode: bool, peers: str | None, cpu_moe: bool, n_cpu_moe: int) -> None:
     """Measure MODEL at full budget, at each stored plan with Alloc-T on and off, and at uniform
     top-k of the same budgets, on TEXT with llama-perplexity's protocol; print a markdown table.
 
@@ -77,11 +83,11 @@ def command(model: str, text_file: str, ctx: int, chunks: int | None, budgets: l
                                     "(see `allocmoe inspect`)")
             result = evaluate_llama(
                 model, text_file, ctx=ctx, chunks=chunks, budgets=budgets, n_threads=threads,
-                n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, decode=decode,
+                n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, decode=decode, peers=peers,
                 progress=lambda name, done, total: progress.update(task, description=name, completed=done, total=total))
         else:
-            if cpu_moe or n_cpu_moe:
-                raise AllocMoeError("--cpu-moe and --n-cpu-moe are for the llama backend")
+            if cpu_moe or n_cpu_moe or peers:
+                raise AllocMoeError("--cpu-moe, --n-cpu-moe and --peers are for the llama backend")
             from ..torch_eval import evaluate_torch_plans
 
             result = evaluate_torch_plans(

@@ -23,6 +23,11 @@ The decode rule's budget controller (patch series 6) reads two optional keys, al
 kv_overrides: ``allocmoe.decode_control`` bool (on by default wherever the decode rule runs) and
 ``allocmoe.decode_window`` u32 (tokens, 64 by default, 1 to 65536): the window over which it holds
 each layer's mean count at the plan's. Older runtimes ignore them (and run uncontrolled thresholds).
+
+The per-token rules of the field (patch series 7) replace Alloc-T where ``allocmoe.token_rule`` (string) says
+"ser" or "top_p"; they need no plan, so they are kv_overrides on any MoE file (`runtime.LoadChoice`):
+``allocmoe.token_rule_value`` f32 (SER's fraction t of the top weight in [0, 1], top-p's mass p in (0, 1]) and
+``allocmoe.token_rule_k_min`` u32 (1 by default). "alloc_t", the default, is Alloc-T's rules as above.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class Keys:
     TOKEN_THRESHOLDS = "allocmoe.token_thresholds"
     DECODE_CONTROL = "allocmoe.decode_control"
     DECODE_WINDOW = "allocmoe.decode_window"
+    TOKEN_RULE = "allocmoe.token_rule"
+    TOKEN_RULE_VALUE = "allocmoe.token_rule_value"
+    TOKEN_RULE_K_MIN = "allocmoe.token_rule_k_min"
     PLAN_COUNT = "allocmoe.plan_count"
     PLAN_DEFAULT = "allocmoe.plan_default"
     PLAN_INDEX = "allocmoe.plan_index"  # only as a kv_override: the stored plan to run

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The per-token rules side by side (issue 21, part 3), on both bundled models at 25 / 50 / 75 %: Alloc-L+T plans
+# (the decode rule with its budget controller, and its "fixed" twin: the calibrated thresholds alone), per-layer
+# top-k at the same counts (Alloc-L), uniform top-k, and SER and top-p at full budget, each value calibrated on the
+# text the profiles calibrated on (assets/calib.txt, 8192 tokens) to the budget's mean activations.
+# `allocmoe eval --decode --peers` (one token per ubatch, as generation runs) on held-out prose (in-domain) and this
+# repository's Python source (off-domain); scripts/peers_summary.py makes the one table (summary.md).
+# usage: scripts/peers_table.sh [OUT]   (default results/peers; CHUNKS=8; about 40 minutes on 2 cores)
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${1:-$REPO/results/peers}
+BIN=${ALLOCMOE:-$REPO/.venv/bin/allocmoe}
+PY=${PYTHON:-$REPO/.venv/bin/python}
+ASSETS=$REPO/allocmoe_edge/assets
+CHUNKS=${CHUNKS:-8}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cp "$ASSETS/heldout.txt" "$WORK/prose.txt"
+cat "$REPO"/allocmoe_edge/*.py >"$WORK/code.txt"
+for model in tiny-moe deep-moe; do
+    if [[ $model == tiny-moe ]]; then
+        sens=$REPO/results/decode-rule/sensitivity.json pre=()
+    else
+        sens=$REPO/results/deep-moe-table/sensitivity.json pre=(--pre-tokenizer gpt-2)
+    fi
+    plans=()
+    for b in 0.25 0.5 0.75; do
+        "$BIN" allocate "$sens" --budget "$b" --method alloc-l+t --alloc-t both -o "$WORK/$model-plan-$b.json"
+        plans+=(--plan "$WORK/$model-plan-$b.json")
+    done
+    "$BIN" convert "$ASSETS/$model" "${plans[@]}" --outtype q8_0 "${pre[@]}" -o "$WORK/$model.gguf"
+    for text in prose code; do
+        "$BIN" eval "$WORK/$model.gguf" --text "$WORK/$text.txt" --chunks "$CHUNKS" --decode \
+            --peers "$ASSETS/calib.txt" --json "$OUT/$model-$text.json" | tee "$OUT/$model-$text.md"
+    done
+done
+"$PY" "$REPO/scripts/peers_summary.py" "$OUT" | tee "$OUT/summary.md"
