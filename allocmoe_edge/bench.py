@@ -70,7 +70,14 @@ from .allocate import stamp_uniform_split
 from .bench_worker import Worker, interleave
 from .benchstats import BASELINE, percentiles, speedup, summary
 from .errors import AllocMoeError
-from .evaluate import EvalConfig, Progress, gguf_configurations, with_fixed_thresholds
+from .evaluate import (
+    EvalConfig,
+    Progress,
+    gguf_configurations,
+    peer_configurations,
+    uniform_k,
+    with_fixed_thresholds,
+)
 from .fsutil import scratch_dir
 from .gguf_meta import GgufModelInfo, read_header, read_info
 from .placement import cpu_expert_blocks, expert_block
@@ -98,6 +105,7 @@ class BenchOptions:
     timeout: float | None = None  # seconds per configuration (its loads and all its tests)
     max_loaded: int | None = None  # configurations loaded at once (None: as many as system memory holds)
     fixed_thresholds: bool = False  # also each Alloc-T row with the decode rule's budget controller off
+    peers: str | None = None  # a calibration text: also SER and top-p at each budget below 1 (`peer_configurations`)
 
     def check(self) -> None:
         """Raise AllocMoeError for options that cannot be measured."""
@@ -160,7 +168,10 @@ def configurations(info: GgufModelInfo, budgets: tuple[float, ...] | None,
 
 
 def executed_counts(info: GgufModelInfo, config: EvalConfig) -> tuple[int, ...]:
-    """Experts per MoE layer that ``config`` runs for a single token."""
+    """Experts per MoE layer that ``config`` runs for a single token (a per-token rule's calibrated budget, spread
+    evenly: its counts vary per token and layer)."""
+    if config.budget is not None:
+        return tuple(uniform_k(info.expert_used_count, config.budget) for _ in info.moe_layers)
     if config.plan is not None:
         return tuple(info.plans[config.plan].counts[layer] for layer in info.moe_layers)
     return (config.k or info.expert_used_count,) * len(info.moe_layers)
@@ -331,6 +342,11 @@ def bench(model: str | Path, opts: BenchOptions, log: Callable[[str], None] = pr
         result["bytes_per_token_full"] = traffic.per_token(full)
         result["cpu_expert_bytes_per_token_full"] = traffic.experts(full, cpu_blocks) if cpu_blocks else None
         configs = configurations(info, budgets, opts.fixed_thresholds)
+        if opts.peers:
+            peer_budgets = [b for b in opts.budgets if b < 1]
+            configs += peer_configurations(path, info, opts.peers, peer_budgets, 256, opts.threads,
+                                           n_gpu_layers=opts.n_gpu_layers, cpu_moe=opts.cpu_moe,
+                                           n_cpu_moe=opts.n_cpu_moe)[0]
         workers = [Worker(job(path, c, opts), scratch / f"config-{i}.log", opts.timeout) for i, c in enumerate(configs)]
         done, total = itertools.count(1), len(workers) * opts.reps
 

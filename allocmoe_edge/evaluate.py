@@ -56,7 +56,8 @@ class EvalConfig:
     k: int | None = None  # uniform top-k
     decode_control: bool | None = None  # the decode rule's budget controller (None: the file's, on by default)
     token_rule: str | None = None  # a per-token rule of the field at full budget: "ser" or "top_p" (`peers`)
-    token_rule_value: float | None = None  # its value, calibrated to a budget
+    token_rule_value: float | None = None  # its value, calibrated to a budget ...
+    budget: float | None = None  # ... this one (a fraction of the full budget)
 
     def choice(self) -> LoadChoice:
         """How llama.cpp runs this configuration (Alloc-T off is token_k_max = 0)."""
@@ -128,7 +129,8 @@ def peer_configurations(model: str | os.PathLike[str], info: GgufModelInfo, cali
         for rule in TOKEN_RULES:
             value = calibrate(rule, layers, check_fraction(budget) * info.full_budget, PEER_K_MIN)
             name, symbol = LABELS[rule]
-            configs.append(EvalConfig(f"{name} {symbol}={value:.4g}", rule, token_rule=rule, token_rule_value=value))
+            configs.append(EvalConfig(f"{name} {symbol}={value:.4g}", rule, token_rule=rule, token_rule_value=value,
+                                      budget=budget))
     return configs, {**meta, "n_tokens": len(tokens), "k_min": PEER_K_MIN}
 
 

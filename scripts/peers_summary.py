@@ -42,9 +42,10 @@ def main(out: Path) -> None:
             rule = rule_of(row)
             if rule is not None:
                 cells.setdefault(nominal(row["budget"]), {})[rule] = row
+                windows = f"{row['window_min']:.3g} .. {row['window_max']:.3g}"
                 full.append(f"| {model} | {text} | {nominal(row['budget']):.0%} | {rule} | {row['name']} | "
-                            f"{row['activations_per_token']:.3f} | {row['window_min']:.3g} .. {row['window_max']:.3g} | "
-                            f"{row['kld_mean']:.5f} ± {row['kld_se']:.5f} | {row['ppl']:.3f} | {100 * row['top1']:.2f} |")
+                            f"{row['activations_per_token']:.3f} | {windows} | {row['kld_mean']:.5f} ± "
+                            f"{row['kld_se']:.5f} | {row['ppl']:.3f} | {100 * row['top1']:.2f} |")
         for budget, rows in sorted(cells.items()):
             best = min(r["kld_mean"] for r in rows.values())
             line = [model, TEXTS.get(text, text), f"{budget:.0%}"]

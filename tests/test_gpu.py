@@ -215,6 +215,23 @@ def test_experts_in_system_memory_with_the_decode_rule(backend, models, where, T
     _agree(f"{where} decode T={T}", acts, got, acts_cpu, cpu, _stock(models, "deep-moe", text[:T]))
 
 
+PEERS = {"ser": LoadChoice(full_budget=True, token_rule="ser", token_rule_value=0.3),
+         "top-p": LoadChoice(full_budget=True, token_rule="top_p", token_rule_value=0.6)}
+
+
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("rule", sorted(PEERS))
+def test_ser_and_top_p_on_the_gpu(backend, models, rule, T):
+    """The field's per-token rules (patch 0011) on deep-moe: the GPU drops candidates (id -1) and matches the CPU."""
+    info, text = models["deep-moe"]
+    acts_cpu, cpu = _probe(info, text[:T], False, PEERS[rule])
+    acts, got = _probe(info, text[:T], True, PEERS[rule])
+    _agree(f"{rule} T={T}", acts, got, acts_cpu, cpu, _stock(models, "deep-moe", text[:T]))
+    assert any((a["ids"] < 0).any() for a in acts.values())  # candidates were dropped
+    for layer, a in acts.items():
+        assert abs(a["active"] - acts_cpu[layer]["active"]) <= max(2, ACTIVE_TOL * a["active"]), (layer, a)
+
+
 def test_a_plan_switched_per_context_on_the_gpu(backend, models):
     """One GPU load at plan 0 (75 %); fresh contexts switched to plan 2 (25 %) and full budget run what the
     CPU runs for those choices."""
@@ -249,12 +266,14 @@ def _graph_splits(capfd, info, choice: LoadChoice) -> list[str]:
 
 
 def test_a_plan_adds_no_graph_split(backend, models, capfd):
-    """Per-layer counts, the batch rule and the decode rule split the graph as the file at full budget does:
-    no op of the budgeted graph falls back to the CPU."""
+    """Per-layer counts, the batch rule, the decode rule, SER and top-p split the graph as the file at full budget
+    does: no op of the budgeted graph falls back to the CPU."""
     for info, _ in models.values():
         full = _graph_splits(capfd, info, LoadChoice(full_budget=True))
         for mode, kwargs in MODES.items():
             assert _graph_splits(capfd, info, LoadChoice(plan_index=1, **kwargs)) == full, (info.path, mode)
+        for rule, choice in PEERS.items():
+            assert _graph_splits(capfd, info, choice) == full, (info.path, rule)
 
 
 def _model_buffers(log: str) -> dict[str, float]:

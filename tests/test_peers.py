@@ -158,3 +158,20 @@ def test_eval_peers_rows_meet_their_budget_on_the_calibration_text(patched_runti
         assert 0 < row["token_rule_value"] < 1 and all(1 <= c <= 4 for c in row["counts"])
         assert row["kld_mean"] > 0
     assert peers[0]["kld_mean"] != peers[1]["kld_mean"]
+
+
+def test_eval_and_bench_rows_of_a_peer(tiny_gguf):
+    """A SER row runs the file at full budget with the rule on, and bench names it by the budget it was
+    calibrated to (its counts vary per token; bench measures them while decoding)."""
+    from allocmoe_edge.bench import executed_counts
+    from allocmoe_edge.evaluate import EvalConfig, result_row
+    from allocmoe_edge.gguf_meta import read_info
+
+    info = read_info(tiny_gguf("mixtral")[1])  # top-3
+    config = EvalConfig("SER t=0.3", "ser", token_rule="ser", token_rule_value=0.3, budget=2 / 3)
+    choice = config.choice()
+    assert choice.full_budget
+    assert (choice.token_rule, choice.token_rule_value, choice.token_rule_k_min) == ("ser", 0.3, 1)
+    assert executed_counts(info, config) == (2,) * len(info.moe_layers)
+    row = result_row(config, 6.5, [2.0, 2.5, 2.0], info.full_budget, {})
+    assert (row["token_rule"], row["token_rule_value"], row["activations_per_token"]) == ("ser", 0.3, 6.5)

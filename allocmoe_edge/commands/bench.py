@@ -51,11 +51,15 @@ def _prompts(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--fixed-thresholds", is_flag=True,
               help="Also run each Alloc-T row with the decode rule's budget controller off (its calibrated thresholds "
                    "alone), as `eval --decode` does: the controller's cost in decode.")
+@click.option("--peers", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CALIBRATION_TEXT",
+              help="Also run SER and top-p (the field's per-token rules) at each budget below 1, each value "
+                   "calibrated on CALIBRATION_TEXT to the budget's mean activations, as `eval --peers` does.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Write the full result here (also after every round of repetitions, marked incomplete).")
 def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[int, ...], n_gen: int, latency: bool,
             threads: int | None, n_gpu_layers: int, cpu_moe: bool, n_cpu_moe: int, flash_attn: bool,
-            timeout: float | None, max_loaded: int | None, fixed_thresholds: bool, json_out: str | None) -> None:
+            timeout: float | None, max_loaded: int | None, fixed_thresholds: bool, peers: str | None,
+            json_out: str | None) -> None:
     """Measure MODEL's prompt (pp) and generation (tg) speed like llama-bench, for full budget,
     uniform top-k and every stored plan (Alloc-T on and off) at each budget, in one run.
 
@@ -78,7 +82,7 @@ def command(model: str, budgets: tuple[float, ...], reps: int, prompts: tuple[in
 
     opts = BenchOptions(budgets=budgets, reps=reps, prompts=prompts, n_gen=n_gen, latency=latency, threads=threads,
                         n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, flash_attn=flash_attn,
-                        timeout=timeout, max_loaded=max_loaded, fixed_thresholds=fixed_thresholds)
+                        timeout=timeout, max_loaded=max_loaded, fixed_thresholds=fixed_thresholds, peers=peers)
     # --json is rewritten after every round of repetitions ("complete": false until the end)
     result = bench(model, opts, log=lambda msg: click.echo(msg, err=True),
                    on_round=(lambda partial: atomic_write_json(json_out, partial)) if json_out else None)
