@@ -59,10 +59,14 @@ def mean_activations(rule: str, layers: Mapping[int, RankedWeights], value: floa
     return float(sum(kept(rule, r, s, value, k_min).sum(axis=1).mean() for r, s in layers.values()))
 
 
+CALIBRATION_TOLERANCE = 0.02  # the calibrated mean activations may miss the target by this fraction at most
+
+
 def calibrate(rule: str, layers: Mapping[int, RankedWeights], target: float, k_min: int = 1) -> float:
     """The value of ``rule`` whose mean activations per token (summed over ``layers``) on their tokens is
     ``target``: SER's t falls and top-p's p rises with the count, so bisection finds it (to within one
-    token's experts over all tokens); the end of the range when ``target`` is beyond what the rule reaches."""
+    token's experts over all tokens). AllocMoeError where no value comes within CALIBRATION_TOLERANCE of the
+    target: routing so peaked (a random router: each token's top weight about 1) that the count jumps past it."""
     check_value(rule, 1.0)
     if not layers:
         raise AllocMoeError("no routing weights to calibrate on")
@@ -75,4 +79,10 @@ def calibrate(rule: str, layers: Mapping[int, RankedWeights], target: float, k_m
             hi = mid
         else:
             lo = mid
-    return hi if rising else lo  # the side of the crossing with the larger count
+    value = hi if rising else lo  # the side of the crossing with the larger count
+    got = mean_activations(rule, layers, value, k_min)
+    if abs(got - target) > CALIBRATION_TOLERANCE * target:
+        raise AllocMoeError(f"{LABELS[rule][0]} cannot be calibrated to {target:g} activations per token on this "
+                            f"text: its count jumps past it (the nearest value, {LABELS[rule][1]} = {value:.3g}, gives "
+                            f"{got:.3g}); the model's routing is too peaked for one value to reach that budget")
+    return value

@@ -175,3 +175,14 @@ def test_eval_and_bench_rows_of_a_peer(tiny_gguf):
     assert executed_counts(info, config) == (2,) * len(info.moe_layers)
     row = result_row(config, 6.5, [2.0, 2.5, 2.0], info.full_budget, {})
     assert (row["token_rule"], row["token_rule_value"], row["activations_per_token"]) == ("ser", 0.3, 6.5)
+
+
+def test_calibration_refuses_a_budget_that_peaked_routing_cannot_reach():
+    """A random router's one-hot routing (as the synth files have): every value keeps one expert or all of them."""
+    ranked = np.zeros((500, 4))
+    ranked[:, 0] = 1.0
+    ranked[:, 1:] = 1e-30
+    layers = {0: (ranked, np.ones(500))}
+    for rule in ("ser", "top_p"):
+        with pytest.raises(AllocMoeError, match="cannot be calibrated to 2 activations"):
+            calibrate(rule, layers, 2.0)
