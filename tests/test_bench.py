@@ -134,7 +134,8 @@ def test_jobs_are_plain_json_and_pass_placement_only_when_set(tmp_path):
     plain = job(tmp_path / "m.gguf", config, BenchOptions(prompts=(512, 2048), n_gen=128, threads=2))
     assert json.loads(json.dumps(plain)) == plain
     assert plain["choice"] == {"plan_index": 1, "full_budget": False, "uniform_k": None, "token_k_max": 0,
-                               "token_mode": None, "decode_control": None, "decode_window": None}
+                               "token_mode": None, "decode_control": None, "decode_window": None,
+                               "token_rule": None, "token_rule_value": None, "token_rule_k_min": None}
     assert plain["llama"] == {"n_ctx": 2176, "n_batch": 2048, "n_ubatch": 2048, "n_gpu_layers": 0,
                               "flash_attn": False, "n_threads": 2, "n_threads_batch": 2}
     hybrid = job(tmp_path / "m.gguf", config, BenchOptions(n_gpu_layers=99, cpu_moe=True, n_cpu_moe=3))

@@ -123,7 +123,7 @@ def test_torch_eval_refuses_the_flags(tmp_path):
     for flags in (["--cpu-moe"], ["--n-cpu-moe", "1"]):
         out = CliRunner().invoke(cli, ["eval", str(tmp_path), "--text", str(text), "--backend", "torch", *flags])
         assert isinstance(out.exception, AllocMoeError), out.output
-        assert str(out.exception) == "--cpu-moe and --n-cpu-moe are for the llama backend"
+        assert str(out.exception) == "--cpu-moe, --n-cpu-moe and --peers are for the llama backend"
 
 
 class _StockLlama:
