@@ -23,15 +23,8 @@ cat "$REPO"/allocmoe_edge/*.py >"$WORK/code.txt"
 r = random.Random(0)
 chars = string.ascii_letters + string.digits + string.punctuation + " "
 sys.stdout.write("".join(r.choice(chars) for _ in range(200000)))' >"$WORK/random.txt"
-# the profiles behind the README's tables (routing statistics included), Alloc-L+T plans at 50 % with thresholds
 for model in tiny-moe deep-moe; do
-    if [[ $model == tiny-moe ]]; then
-        sens=$REPO/results/decode-rule/sensitivity.json pre=()
-    else
-        sens=$REPO/results/deep-moe-table/sensitivity.json pre=(--pre-tokenizer gpt-2)
-    fi
-    "$BIN" allocate "$sens" --budget 0.5 --method alloc-l+t --alloc-t both -o "$WORK/$model-plan.json"
-    "$BIN" convert "$ASSETS/$model" --plan "$WORK/$model-plan.json" --outtype q8_0 "${pre[@]}" -o "$WORK/$model.gguf"
+    "$REPO/scripts/bundled_gguf.sh" "$model" "$WORK/$model.gguf" 0.5
     for text in prose code random; do
         "$BIN" eval "$WORK/$model.gguf" --text "$WORK/$text.txt" --chunks "$CHUNKS" --budgets 0.5 --decode \
             --json "$OUT/$model-$text.json" | tee "$OUT/$model-$text.md"

@@ -11,15 +11,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${1:-$REPO/results/peers}
 BIN=${ALLOCMOE:-$REPO/.venv/bin/allocmoe}
 ASSETS=$REPO/allocmoe_edge/assets
-SENS=$REPO/results/deep-moe-table/sensitivity.json
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-plans=()
-for b in 0.25 0.5 0.75; do
-    "$BIN" allocate "$SENS" --budget "$b" --method alloc-l+t --alloc-t both -o "$WORK/plan-$b.json"
-    plans+=(--plan "$WORK/plan-$b.json")
-done
-"$BIN" convert "$ASSETS/deep-moe" "${plans[@]}" --outtype q8_0 --pre-tokenizer gpt-2 -o "$WORK/deep-moe.gguf"
+"$REPO/scripts/bundled_gguf.sh" deep-moe "$WORK/deep-moe.gguf" 0.25 0.5 0.75
 "$BIN" bench "$WORK/deep-moe.gguf" --budgets 1,0.5 -p 64 -n 128 --reps 5 -t 2 --latency \
     --peers "$ASSETS/calib.txt" --json "$OUT/deep-moe-bench.json" | tee "$OUT/deep-moe-bench.md"

@@ -23,17 +23,7 @@ cp "$ASSETS/heldout.txt" "$WORK/prose.txt"
 cat "$REPO"/allocmoe_edge/*.py >"$WORK/code.txt"
 cat "$REPO"/tests/*.py >"$WORK/code-calib.txt"
 for model in tiny-moe deep-moe; do
-    if [[ $model == tiny-moe ]]; then
-        sens=$REPO/results/decode-rule/sensitivity.json pre=()
-    else
-        sens=$REPO/results/deep-moe-table/sensitivity.json pre=(--pre-tokenizer gpt-2)
-    fi
-    plans=()
-    for b in 0.25 0.5 0.75; do
-        "$BIN" allocate "$sens" --budget "$b" --method alloc-l+t --alloc-t both -o "$WORK/$model-plan-$b.json"
-        plans+=(--plan "$WORK/$model-plan-$b.json")
-    done
-    "$BIN" convert "$ASSETS/$model" "${plans[@]}" --outtype q8_0 "${pre[@]}" -o "$WORK/$model.gguf"
+    "$REPO/scripts/bundled_gguf.sh" "$model" "$WORK/$model.gguf" 0.25 0.5 0.75
     for text in prose code; do
         "$BIN" eval "$WORK/$model.gguf" --text "$WORK/$text.txt" --chunks "$CHUNKS" --decode \
             --peers "$ASSETS/calib.txt" --json "$OUT/$model-$text.json" | tee "$OUT/$model-$text.md"
